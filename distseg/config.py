@@ -1,0 +1,226 @@
+"""Typed configs for every stage, loaded from shipped YAML by name or from a path, with dotted overrides.
+
+    cfg = load_config("demo", ["train.steps=200", "hierarchy.max_regions=30"])
+
+Unknown keys and bad values raise `ConfigError` naming the dotted key, the value and what is allowed.
+A YAML file may start from another with `_base_: NAME_OR_PATH` (relative paths resolve beside it).
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used; the message names the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    source: str = Field(
+        "synthetic",
+        description="synthetic | bsds | msrc | davis | folder:PATH (an image folder, recursive)",
+    )
+    root: str | None = Field(None, description="dataset root; default: $DISTSEG_DATA_ROOT or ../shared/data/<name>")
+    split: str = Field("train", description="dataset split (train, val, test, all; per dataset)")
+    num_images: int = Field(64, ge=1, description="synthetic only: number of scenes")
+    image_size: int = Field(128, ge=16, le=4096, description="synthetic only: side of the square scenes")
+    limit: int | None = Field(None, ge=1, description="use only the first N images")
+
+
+class EdgesConfig(Section):
+    detector: str = Field("learned", description="edge detector by registry name: learned | gradient | sed")
+    weights: str | None = Field(None, description="learned: weights file (default: the shipped ones); sed: model.yml.gz")
+    scales: list[float] = Field([1.0], min_length=1, description="multi-scale inference: image scale factors")
+
+
+class HierarchyConfig(Section):
+    max_regions: int = Field(40, ge=1, le=255, description="cut the region tree to at most this many leaf regions")
+
+
+class TrackingConfig(Section):
+    experiment: str = Field("distseg", description="MLflow experiment name")
+    uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite in workdir")
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="Ray cluster address; default $RAY_ADDRESS or a local cluster")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local cluster (ignored with an address)")
+
+
+class Config(Section):
+    name: str = Field("run", description="run name (MLflow run, output subfolders)")
+    workdir: str = Field("outputs", description="where outputs, mlflow.db and mlartifacts go")
+    seed: int = Field(0, description="global random seed")
+    data: DataConfig = DataConfig()
+    edges: EdgesConfig = EdgesConfig()
+    hierarchy: HierarchyConfig = HierarchyConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
+
+
+CONFIG_PACKAGE = "distseg.configs"
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs that ship inside the package."""
+    folder = resources.files(CONFIG_PACKAGE)
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(name_or_path: str | Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    text, where = _locate(name_or_path)
+    if where in seen:
+        raise ConfigError(f"config {where}: _base_ cycle ({' -> '.join(seen + (where,))})")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {where}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {where}: top level must be a mapping, got {type(data).__name__}")
+    base = data.pop("_base_", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"config {where}: _base_ must be a config name or path, got {base!r}")
+    if Path(where).exists() and not Path(base).is_absolute() and (Path(where).parent / base).exists():
+        base = str(Path(where).parent / base)
+    return _merge(_read_yaml(base, seen + (where,)), data)
+
+
+def _locate(name_or_path: str | Path) -> tuple[str, str]:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        return path.read_text(), str(path)
+    shipped = resources.files(CONFIG_PACKAGE) / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped.read_text(), f"{name_or_path} (shipped)"
+    raise ConfigError(
+        f"unknown config {str(name_or_path)!r}: not a file and not a shipped config "
+        f"(shipped: {', '.join(shipped_configs())})"
+    )
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside a field annotation (X, X | None), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _section_type(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _check_key(model: type[BaseModel], dotted: str) -> None:
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        fields = model.model_fields
+        if part not in fields:
+            where = ".".join(parts[:i]) or "the config"
+            raise ConfigError(
+                f"unknown config key {dotted!r}: {part!r} is not a key of {where} "
+                f"(allowed: {', '.join(fields)})"
+            )
+        inner = _section_type(fields[part].annotation)
+        if inner is None:
+            if i != len(parts) - 1:
+                raise ConfigError(f"unknown config key {dotted!r}: {'.'.join(parts[: i + 1])!r} is a value, not a section")
+            return
+        model = inner
+    raise ConfigError(f"config key {dotted!r} is a section; set one of its keys ({', '.join(model.model_fields)})")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'a.b=c' -> ('a.b', value parsed as YAML: 1 -> int, [1,2] -> list, null -> None, abc -> str)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not KEY=VALUE (for example train.steps=200)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(data: dict, overrides: list[str], model: type[BaseModel] = Config) -> dict:
+    data = _merge({}, data)
+    for text in overrides:
+        key, value = parse_override(text)
+        _check_key(model, key)
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    return data
+
+
+def _format_validation(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parent = Config
+            for part in e["loc"][:-1]:
+                parent = _section_type(parent.model_fields[str(part)].annotation) or parent
+            lines.append(f"unknown config key {key!r} (allowed: {', '.join(parent.model_fields)})")
+        else:
+            lines.append(f"bad value for config key {key!r}: {e.get('input')!r}: {e['msg']}")
+    return f"config {source}: " + "; ".join(lines)
+
+
+def build_config(data: dict, source: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(e, source)) from None
+
+
+def load_config(name_or_path: str | Path = "demo", overrides: list[str] | None = None) -> Config:
+    """Load a shipped config by name or a YAML file by path, then apply dotted overrides."""
+    data = apply_overrides(_read_yaml(name_or_path), list(overrides or []))
+    return build_config(data, str(name_or_path))
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: the shape MLflow params take."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+

@@ -1,0 +1,64 @@
+"""What every reader yields, and the registry that opens a dataset by name."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Sample:
+    """One image with whatever annotation its dataset has."""
+
+    id: str  # stable and unique within the dataset (derived from the source path, never an index)
+    image: np.ndarray  # H x W x 3 uint8 RGB
+    labels: np.ndarray | None = None  # H x W integer semantic class ids; `ignore_index` of the dataset = void
+    instances: np.ndarray | None = None  # H x W int32 instance ids, 0 = none
+    meta: dict[str, Any] = field(default_factory=dict)  # dataset-specific extras (see each reader)
+
+
+class Dataset:
+    """A finite, re-iterable collection of samples. Readers subclass it."""
+
+    name: str = "dataset"
+    class_names: list[str] = []  # index = class id
+    ignore_index: int | None = None  # label value that means void / not annotated
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def ids(self) -> list[str]:
+        raise NotImplementedError
+
+    def __getitem__(self, image_id: str) -> Sample:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.ids())
+
+    def __iter__(self) -> Iterator[Sample]:
+        for image_id in self.ids():
+            yield self[image_id]
+
+
+DatasetFactory = Callable[..., Dataset]
+DATASETS: dict[str, DatasetFactory] = {}
+
+
+def register_dataset(name: str) -> Callable[[DatasetFactory], DatasetFactory]:
+    def deco(factory: DatasetFactory) -> DatasetFactory:
+        DATASETS[name] = factory
+        return factory
+
+    return deco
+
+
+def default_data_root() -> Path:
+    """$DISTSEG_DATA_ROOT, else ../shared/data relative to the working directory."""
+    return Path(os.environ.get("DISTSEG_DATA_ROOT", Path("..") / "shared" / "data"))

@@ -1,0 +1,144 @@
+"""The one place that talks to MLflow.
+
+Default store: `sqlite:///<workdir>/mlflow.db` with artifacts in `<workdir>/mlartifacts`;
+`MLFLOW_TRACKING_URI` (or `tracking.uri` in the config) overrides. A `Tracker` wraps one run by id,
+so it can be re-attached in a Ray worker (`Tracker.attach(run_id, uri)`) and only rank 0 logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distseg.config import Config, flatten
+
+PARENT_TAG = "mlflow.parentRunId"
+_PARAM_VALUE_MAX = 6000  # MLflow's limit on a param value's length
+_BATCH_MAX = 100  # MLflow's limit on params per log_batch call
+
+
+def tracking_uri(workdir: str | Path, configured: str | None = None) -> str:
+    """Resolved tracking URI: config, then $MLFLOW_TRACKING_URI, then sqlite in the workdir."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    path = Path(workdir).resolve() / "mlflow.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def artifact_root(workdir: str | Path) -> str:
+    path = Path(workdir).resolve() / "mlartifacts"
+    path.mkdir(parents=True, exist_ok=True)
+    return path.as_uri()
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+class Tracker:
+    """Logs params, metrics, tables and pictures to one MLflow run."""
+
+    def __init__(self, run_id: str, uri: str):
+        self.run_id = run_id
+        self.uri = uri
+        self.client = _client(uri)
+
+    @classmethod
+    def attach(cls, run_id: str, uri: str) -> "Tracker":
+        return cls(run_id, uri)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:_PARAM_VALUE_MAX]) for k, v in flatten(dict(params)).items()]
+        for i in range(0, len(items), _BATCH_MAX):
+            self.client.log_batch(self.run_id, params=items[i : i + _BATCH_MAX])
+
+    def log_config(self, cfg: Config) -> None:
+        self.log_params(cfg.model_dump(mode="json"))
+        self.log_dict(cfg.model_dump(mode="json"), "config.json")
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, int(step or 0))
+            for k, v in flatten(dict(metrics)).items()
+            if v is not None and np.isfinite(float(v))
+        ]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+    def log_table(self, table: Mapping[str, list] | Any, artifact_file: str) -> None:
+        """A table (dict of columns or a pandas DataFrame) as a JSON artifact MLflow's UI shows."""
+        self.client.log_table(self.run_id, data=table, artifact_file=artifact_file)
+
+    def log_image(self, image: np.ndarray, artifact_file: str) -> None:
+        self.client.log_image(self.run_id, np.ascontiguousarray(image), artifact_file=artifact_file)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, figure, artifact_file=artifact_file)
+
+    def log_dict(self, data: Mapping, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, json.loads(json.dumps(data, default=str)), artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+
+def get_or_create_experiment(uri: str, name: str, workdir: str | Path) -> str:
+    client = _client(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = artifact_root(workdir) if uri.startswith("sqlite:") else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+@contextmanager
+def start_run(
+    cfg: Config,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    log_config: bool = True,
+) -> Iterator[Tracker]:
+    """Open an MLflow run for a stage; it ends FINISHED, or FAILED if the block raises."""
+    uri = tracking_uri(cfg.workdir, cfg.tracking.uri)
+    exp_id = get_or_create_experiment(uri, cfg.tracking.experiment, cfg.workdir)
+    run_tags = {k: str(v) for k, v in (tags or {}).items()}
+    if parent_run_id:
+        run_tags[PARENT_TAG] = parent_run_id
+    client = _client(uri)
+    run = client.create_run(exp_id, tags=run_tags, run_name=run_name or cfg.name)
+    tracker = Tracker(run.info.run_id, uri)
+    if log_config:
+        tracker.log_config(cfg)
+    try:
+        yield tracker
+    except BaseException:
+        client.set_terminated(tracker.run_id, status="FAILED")
+        raise
+    client.set_terminated(tracker.run_id, status="FINISHED")
+
+
+def ui_command(cfg: Config) -> str:
+    """The command that opens the MLflow UI for this config's store, bound to 127.0.0.1."""
+    uri = tracking_uri(cfg.workdir, cfg.tracking.uri)
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000 --workers 1"
