@@ -48,6 +48,27 @@ class HierarchyConfig(Section):
     max_regions: int = Field(40, ge=1, le=255, description="cut the region tree to at most this many leaf regions")
 
 
+class EdgeTrainConfig(Section):
+    """`distseg edges train`: the learned edge network on BSDS500 (human boundaries as supervision)."""
+
+    data: str = Field("../shared/data/bsds500", description="BSDS500 root (images/, groundTruth/)")
+    splits: list[str] = Field(["train", "val"], min_length=1, description="BSDS splits to train on")
+    steps: int = Field(6000, ge=1, description="optimizer steps (all workers together)")
+    batch_size: int = Field(8, ge=1, description="crops per step per worker")
+    crop: int = Field(160, ge=32, description="side of the square training crops")
+    scale_range: tuple[float, float] = Field((0.7, 1.3), description="random rescaling range (augmentation)")
+    width: int = Field(16, ge=4, description="channels of the first stage (x2 per stage)")
+    lr: float = Field(2e-3, gt=0, description="Adam learning rate (cosine decay to 1% over the run)")
+    weight_decay: float = Field(1e-4, ge=0, description="Adam weight decay")
+    consensus_threshold: float = Field(0.3, gt=0, le=1, description="fraction of annotators that makes a positive")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers")
+    cpus_per_worker: int = Field(2, ge=1, description="CPUs (and torch threads) per worker")
+    use_gpu: bool = Field(False, description="one GPU per worker (AMP on)")
+    log_every: int = Field(50, ge=1, description="steps between metric reports")
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints (all kept: an ODS-vs-time curve)")
+    max_failures: int = Field(2, ge=0, description="worker failures to recover from (restarts from the last checkpoint)")
+
+
 class TrackingConfig(Section):
     experiment: str = Field("distseg", description="MLflow experiment name")
     uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite in workdir")
@@ -65,6 +86,7 @@ class Config(Section):
     data: DataConfig = DataConfig()
     edges: EdgesConfig = EdgesConfig()
     hierarchy: HierarchyConfig = HierarchyConfig()
+    edge_train: EdgeTrainConfig = EdgeTrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
 

@@ -1,0 +1,78 @@
+import pytest
+from typer.testing import CliRunner
+
+from distseg.cli import app
+from distseg.config import ConfigError, build_config, flatten, load_config, parse_override, shipped_configs
+
+
+def test_shipped_demo_loads_with_its_values():
+    cfg = load_config("demo")
+    assert "demo" in shipped_configs()
+    assert cfg.data.source == "synthetic"
+    assert cfg.edges.detector == "gradient"
+    assert cfg.hierarchy.max_regions == 24
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config("demo", ["hierarchy.max_regions=30", "edges.scales=[0.5,1.0]", "ray.num_cpus=2", "name=x"])
+    assert cfg.hierarchy.max_regions == 30
+    assert cfg.edges.scales == [0.5, 1.0]
+    assert cfg.ray.num_cpus == 2 and cfg.name == "x"
+
+
+def test_override_null_and_strings():
+    assert parse_override("edges.weights=null") == ("edges.weights", None)
+    assert parse_override("data.source=folder:imgs") == ("data.source", "folder:imgs")
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("bogus.key=1", ["bogus.key", "'bogus'", "allowed:"]),
+        ("data.bogus=1", ["data.bogus", "source"]),
+        ("hierarchy.max_regions=300", ["hierarchy.max_regions", "300", "less than or equal to 255"]),
+        ("data.num_images=abc", ["data.num_images", "abc", "integer"]),
+        ("hierarchy.max_regions.x=1", ["hierarchy.max_regions", "is a value"]),
+        ("data=1", ["is a section"]),
+        ("noequals", ["KEY=VALUE"]),
+    ],
+)
+def test_bad_overrides_name_key_and_value(override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", [override])
+    for word in words:
+        assert word in str(e.value), str(e.value)
+
+
+def test_yaml_errors_name_file_and_key(tmp_path):
+    path = tmp_path / "my.yaml"
+    path.write_text("_base_: demo\ndata:\n  num_images: 5\n  colour: red\n")
+    with pytest.raises(ConfigError, match=r"data\.colour.*allowed: source"):
+        load_config(path)
+    path.write_text("_base_: demo\ndata:\n  num_images: 5\n")
+    cfg = load_config(path)
+    assert cfg.data.num_images == 5 and cfg.name == "demo"  # inherited from the base
+    with pytest.raises(ConfigError, match="not-a-config"):
+        load_config("not-a-config")
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_flatten_for_mlflow():
+    flat = flatten(build_config({"data": {"num_images": 3}}).model_dump())
+    assert flat["data.num_images"] == 3 and flat["hierarchy.max_regions"] == 40
+
+
+def test_cli_config_show_and_errors():
+    runner = CliRunner()
+    ok = runner.invoke(app, ["config", "show", "demo", "data.num_images=7"])
+    assert ok.exit_code == 0, ok.output
+    assert "num_images: 7" in ok.output
+    bad = runner.invoke(app, ["config", "show", "demo", "bogus.key=1"])
+    assert bad.exit_code == 2
+    assert "bogus.key" in bad.output
+    top = runner.invoke(app, ["--help"])
+    assert top.exit_code == 0 and "config" in top.output and "demo" in top.output

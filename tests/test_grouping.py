@@ -1,0 +1,137 @@
+import itertools
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from distseg.grouping.edgenet import EdgeNet, LearnedEdges, edge_loss, export_weights, load_edgenet
+from distseg.grouping.edges import EDGE_DETECTORS, create_edge_detector, non_maximum_suppression
+from distseg.grouping.hierarchy import build_hierarchy
+
+
+def step_image(width=40, height=30, split=20):
+    image = np.full((height, width, 3), 40, np.uint8)
+    image[:, split:] = 200
+    return image
+
+
+def test_registry_names_and_unknown():
+    assert {"learned", "gradient", "sed"} <= set(EDGE_DETECTORS)
+    with pytest.raises(ValueError, match="unknown edge detector 'canny'.*gradient"):
+        create_edge_detector("canny")
+
+
+def test_gradient_finds_a_vertical_step_with_horizontal_normal():
+    edges = create_edge_detector("gradient")(step_image())
+    assert edges.strength.shape == (30, 40) and edges.strength.dtype == np.float32
+    assert 0 <= edges.strength.min() and edges.strength.max() <= 1
+    column = int(np.argmax(edges.strength[15]))
+    assert column in (19, 20)
+    assert edges.strength[15, column] > 0.5 > edges.strength[15, 5]
+    theta = edges.orientation[15, column]
+    assert min(theta, np.pi - theta) < 0.1  # gradient along x: orientation ~ 0 (mod pi)
+    thin = edges.thinned()
+    assert (thin[15] > 0.3).sum() <= 2  # non-maximum suppression leaves a 1-2 px line
+
+
+def test_nms_keeps_ridge_only():
+    strength = np.zeros((9, 9), np.float32)
+    strength[:, 3], strength[:, 4], strength[:, 5] = 0.5, 1.0, 0.5
+    thin = non_maximum_suppression(strength, np.zeros_like(strength))
+    assert thin[:, 4].min() == 1.0 and thin[:, 3].max() == 0 and thin[:, 5].max() == 0
+
+
+def test_sed_without_model_file_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.yml.gz"):
+        create_edge_detector("sed", weights=tmp_path / "missing.yml.gz")
+
+
+def test_learned_detector_loads_exported_weights(tmp_path):
+    torch.manual_seed(0)
+    path = export_weights(EdgeNet(width=4), tmp_path / "w.pt")
+    assert torch.load(path, weights_only=True)["_width"].item() == 4
+    detector = LearnedEdges(weights=path, scales=(0.5, 1.0), device="cpu")
+    edges = detector(step_image())
+    assert edges.strength.shape == (30, 40)
+    assert 0 <= edges.strength.min() and edges.strength.max() <= 1
+    with pytest.raises(FileNotFoundError, match="distseg edges train"):
+        load_edgenet(tmp_path / "nothing.pt")
+
+
+def test_edge_loss_balances_and_ignores_uncertain_pixels():
+    consensus = torch.zeros(1, 1, 4, 4)
+    consensus[0, 0, 0, 0] = 1.0  # positive
+    consensus[0, 0, 0, 1] = 0.1  # below the threshold: ignored
+    perfect = torch.full((1, 1, 4, 4), -20.0)
+    perfect[0, 0, 0, 0] = 20.0
+    assert edge_loss([perfect], consensus).item() < 1e-6
+    flipped = perfect.clone()
+    flipped[0, 0, 0, 1] = 20.0  # wrong only on the ignored pixel: still no loss
+    assert edge_loss([flipped], consensus).item() < 1e-6
+    # class balance: missing the one positive costs as much as all 14 negatives wrong together
+    miss_pos = torch.full((1, 1, 4, 4), -20.0)
+    all_neg_wrong = torch.full((1, 1, 4, 4), 20.0)
+    lp = edge_loss([miss_pos], consensus, balance=1.0).item()
+    ln = edge_loss([all_neg_wrong], consensus, balance=1.0).item()
+    assert lp == pytest.approx(ln, rel=1e-4)
+
+
+def test_edge_loss_gradients_flow_and_no_nan_without_edges():
+    logits = torch.zeros(2, 1, 8, 8, requires_grad=True)
+    loss = edge_loss([logits], torch.zeros(2, 1, 8, 8))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+
+def check_ultrametric(d):
+    k = len(d)
+    assert np.allclose(d, d.T) and np.all(np.diag(d) == 0)
+    for a, b, c in itertools.product(range(k), repeat=3):
+        assert d[a, c] <= max(d[a, b], d[b, c]) + 1e-6
+
+
+def test_hierarchy_of_a_step_is_two_regions_split_at_the_step():
+    edges = create_edge_detector("gradient")(step_image())
+    h = build_hierarchy(edges, max_regions=2)
+    assert h.num_regions == 2 and h.regions.dtype == np.uint8
+    assert len(np.unique(h.regions[:, :18])) == 1 and len(np.unique(h.regions[:, 22:])) == 1
+    assert h.regions[0, 0] != h.regions[0, 39]
+    assert h.ucm2.shape == (61, 81) and h.ucm.shape == (30, 40)
+    assert h.ucm[15, 19:21].max() > 0.5  # the strongest contour sits on the step
+    assert h.ucm[:, :15].max() < h.ucm[15, 19:21].max()
+
+
+def test_hierarchy_invariants_on_a_real_image(bsds_root):
+    image = cv2.imread(str(sorted((bsds_root / "images" / "test").glob("*.jpg"))[0]))[:, :, ::-1]
+    edges = create_edge_detector("gradient")(image)
+    h = build_hierarchy(edges, max_regions=40)
+    assert 2 <= h.num_regions <= 40
+    assert set(np.unique(h.regions)) == set(range(h.num_regions))
+    check_ultrametric(h.region_dist)
+    assert 0 <= h.ucm.min() and h.ucm.max() <= 1
+    assert np.array_equal(h.ucm, h.ucm2[2::2, 2::2])
+    again = build_hierarchy(edges, max_regions=40)
+    assert np.array_equal(again.ucm, h.ucm) and np.array_equal(again.regions, h.regions)
+    coarse = build_hierarchy(edges, max_regions=5)
+    assert coarse.num_regions <= 5
+    # the UCM is a hierarchy: thresholding it higher can only merge regions
+    from skimage.measure import label
+
+    counts = [label(h.ucm2 <= t, connectivity=1).max() for t in (0.1, 0.3, 0.5)]
+    assert counts[0] >= counts[1] >= counts[2]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 2), (1, 7), (5, 1), (17, 23)])
+def test_hierarchy_any_size_and_grey(shape):
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 255, shape, dtype=np.uint8)
+    h = build_hierarchy(create_edge_detector("gradient")(grey), max_regions=40)
+    assert h.regions.shape == shape and h.ucm.shape == shape
+    assert 1 <= h.num_regions <= 40
+    check_ultrametric(h.region_dist)
+
+
+def test_max_regions_out_of_range():
+    with pytest.raises(ValueError, match="max_regions"):
+        build_hierarchy(create_edge_detector("gradient")(step_image()), max_regions=256)

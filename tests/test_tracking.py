@@ -1,0 +1,48 @@
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from distseg.config import load_config
+from distseg.tracking import PARENT_TAG, start_run, tracking_uri
+
+
+def test_mlflow_round_trip_on_sqlite(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config("demo", [f"workdir={tmp_path}", "tracking.experiment=roundtrip"])
+    with start_run(cfg, run_name="parent") as parent:
+        parent.log_metrics({"loss": 1.5}, step=0)
+        parent.log_metrics({"loss": 0.5, "eval": {"miou": 0.25}}, step=10)
+        parent.log_table({"class": ["a", "b"], "iou": [0.1, 0.9]}, "per_class_iou.json")
+        parent.log_image(np.zeros((8, 8, 3), np.uint8), "example.png")
+    with start_run(cfg, run_name="child", parent_run_id=parent.run_id, log_config=False) as child:
+        child.log_metrics({"knn_miou": 0.4})
+
+    uri = tracking_uri(tmp_path)
+    assert uri.startswith("sqlite:///") and (tmp_path / "mlflow.db").exists()
+    client = MlflowClient(uri)
+    run = client.get_run(parent.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["data.source"] == "synthetic"
+    assert run.data.params["hierarchy.max_regions"] == "24"
+    assert run.data.metrics["loss"] == 0.5 and run.data.metrics["eval.miou"] == 0.25
+    history = client.get_metric_history(parent.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(0, 1.5), (10, 0.5)]
+    artifacts = {a.path for a in client.list_artifacts(parent.run_id)}
+    assert {"per_class_iou.json", "example.png", "config.json"} <= artifacts
+    assert (tmp_path / "mlartifacts").is_dir()
+    assert client.get_run(child.run_id).data.tags[PARENT_TAG] == parent.run_id
+
+
+def test_failed_block_marks_run_failed(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config("demo", [f"workdir={tmp_path}"])
+    try:
+        with start_run(cfg) as tracker:
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert MlflowClient(tracking_uri(tmp_path)).get_run(tracker.run_id).info.status == "FAILED"
+
+
+def test_env_uri_overrides(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/other.db")
+    assert tracking_uri(tmp_path / "w") == f"sqlite:///{tmp_path}/other.db"
