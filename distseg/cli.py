@@ -81,6 +81,35 @@ def edges_train(
     typer.echo(f"evaluate: distseg edges eval --detector learned --weights {weights} --split test")
 
 
+@edges_app.command("eval")
+def edges_eval(
+    detector: str = typer.Option("learned", help="edge detector: learned | gradient | sed"),
+    weights: str | None = typer.Option(None, help="weights file (learned: default the shipped ones; sed: model.yml.gz)"),
+    data: Path = typer.Option(Path("../shared/data/bsds500"), help="BSDS500 root"),
+    split: str = typer.Option("test", help="BSDS split: train | val | test"),
+    limit: int | None = typer.Option(None, help="only the first N images of the split"),
+    out: Path = typer.Option(Path("outputs/edges/eval"), help="output folder: <id>.png UCMs (16-bit) and metrics.json"),
+    thresholds: int = typer.Option(99, help="benchmark thresholds (the official default is 99)"),
+    regions: bool = typer.Option(True, help="also run the region benchmarks (covering, PRI, VOI)"),
+    config: str = typer.Option("edges", "--config", "-c", help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (e.g. hierarchy.max_regions=40)"),
+) -> None:
+    """Score an edge detector and its OWT-UCM on BSDS500 with the BSDS boundary/region benchmarks."""
+    from distseg.eval.grouping import evaluate_grouping
+
+    extra = [f"edges.detector={detector}"] + ([f"edges.weights={weights}"] if weights else [])
+    cfg = resolve(config, extra + list(overrides or []))
+    metrics = evaluate_grouping(cfg, data, split=split, out_dir=out, limit=limit, thresholds=thresholds, regions=regions)
+    if "edges" in metrics:
+        e = metrics["edges"]
+        typer.echo(f"edges alone: ODS={e['ods_f']:.3f} OIS={e['ois_f']:.3f} AP={e['ap']:.3f}")
+    u = metrics["ucm"]
+    if "covering_ods" in u:
+        typer.echo(f"ucm regions: covering ODS={u['covering_ods']:.3f} OIS={u['covering_ois']:.3f} PRI={u['pri_ods']:.3f} VOI={u['voi_ods']:.3f}")
+    typer.echo(f"seconds/image: edges {metrics['edge_seconds_per_image']:.3f}, hierarchy {metrics['hierarchy_seconds_per_image']:.3f}; wrote {out}/")
+    typer.echo(f"ODS={u['ods_f']:.3f} OIS={u['ois_f']:.3f} AP={u['ap']:.3f}")
+
+
 def main() -> None:
     app()
 

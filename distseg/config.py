@@ -69,6 +69,31 @@ class EdgeTrainConfig(Section):
     max_failures: int = Field(2, ge=0, description="worker failures to recover from (restarts from the last checkpoint)")
 
 
+class FelzenszwalbConfig(Section):
+    sigma: float = Field(0.8, ge=0, description="Gaussian smoothing before segmentation")
+    k: float = Field(300.0, gt=0, description="scale: larger k -> larger segments")
+    min_size: int = Field(50, ge=1, description="minimum segment size in pixels")
+    max_regions: int = Field(200, ge=2, le=255, description="bound on segments: min_size >= area / max_regions")
+
+
+class SlicConfig(Section):
+    num_regions: int = Field(100, ge=2, le=255, description="target number of superpixels")
+    ruler: float = Field(10.0, gt=0, description="SLICO smoothness")
+    iterations: int = Field(10, ge=1, description="SLIC iterations")
+
+
+class SaliencyConfig(Section):
+    method: str = Field("spectral_residual", pattern="^(spectral_residual|fine_grained)$", description="OpenCV static saliency")
+    min_component: float = Field(0.01, ge=0, lt=1, description="drop foreground components below this fraction of the image")
+    min_area: float = Field(0.02, ge=0, lt=1, description="no mask when the foreground covers less than this fraction")
+
+
+class PriorsConfig(Section):
+    felzenszwalb: FelzenszwalbConfig = FelzenszwalbConfig()
+    slic: SlicConfig = SlicConfig()
+    saliency: SaliencyConfig = SaliencyConfig()
+
+
 class TrackingConfig(Section):
     experiment: str = Field("distseg", description="MLflow experiment name")
     uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite in workdir")
@@ -86,6 +111,7 @@ class Config(Section):
     data: DataConfig = DataConfig()
     edges: EdgesConfig = EdgesConfig()
     hierarchy: HierarchyConfig = HierarchyConfig()
+    priors: PriorsConfig = PriorsConfig()
     edge_train: EdgeTrainConfig = EdgeTrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()

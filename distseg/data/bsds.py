@@ -87,6 +87,12 @@ class BSDS500(Dataset):
     def ids(self) -> list[str]:
         return list(self._files)
 
+    def image_path(self, image_id: str) -> Path:
+        return self._files[image_id][1]
+
+    def ground_truth_path(self, image_id: str) -> Path:
+        return self._files[image_id][2]
+
     def __getitem__(self, image_id: str) -> Sample:
         try:
             folder, img_path, gt_path = self._files[image_id]

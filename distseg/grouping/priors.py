@@ -1,0 +1,150 @@
+"""Grouping priors by name: the supervision that pretraining learns from.
+
+    prior = create_prior("ucm", cfg)      # built once per Ray actor (models load once)
+    out = prior(image)                    # PriorOutput(regions, region_dist, ucm, masks)
+
+`ucm` (edges -> OWT-UCM tree, leaf regions with tree distances), `felzenszwalb` and `slic` (regions
+only), `saliency` (one foreground mask, as MaskContrast uses; empty when the mask is almost empty).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from distseg.config import Config
+from distseg.grouping.edges import as_rgb, create_edge_detector
+from distseg.grouping.hierarchy import build_hierarchy
+
+MAX_REGIONS = 255  # leaf ids are stored as uint8
+
+
+@dataclass
+class Mask:
+    mask: np.ndarray  # H x W bool
+    score: float
+    label: int = 1
+
+
+@dataclass
+class PriorOutput:
+    regions: np.ndarray | None = None  # H x W uint8 ids 0..K-1
+    region_dist: np.ndarray | None = None  # K x K float32 (ucm only)
+    ucm: np.ndarray | None = None  # H x W float32 in [0, 1] (ucm only)
+    masks: list[Mask] = field(default_factory=list)
+
+
+Prior = Callable[[np.ndarray], PriorOutput]
+PRIORS: dict[str, Callable[[Config], Prior]] = {}
+
+
+def register_prior(name: str):
+    def deco(factory):
+        PRIORS[name] = factory
+        return factory
+
+    return deco
+
+
+def create_prior(name: str, cfg: Config) -> Prior:
+    if name not in PRIORS:
+        raise ValueError(f"unknown prior {name!r} (known: {', '.join(sorted(PRIORS))})")
+    return PRIORS[name](cfg)
+
+
+def relabel(labels: np.ndarray) -> np.ndarray:
+    """Consecutive ids 0..K-1 in order of first appearance (row-major), as uint8."""
+    _, first, inverse = np.unique(labels.ravel(), return_index=True, return_inverse=True)
+    order = np.argsort(np.argsort(first))
+    out = order[inverse].reshape(labels.shape)
+    if out.max() + 1 > MAX_REGIONS:
+        raise ValueError(f"{out.max() + 1} regions exceed the {MAX_REGIONS} a shard can store")
+    return out.astype(np.uint8)
+
+
+@register_prior("ucm")
+class UCMPrior:
+    def __init__(self, cfg: Config):
+        kwargs = {}
+        if cfg.edges.detector in ("learned", "sed"):
+            kwargs["weights"] = cfg.edges.weights
+        if cfg.edges.detector == "learned":
+            kwargs["scales"] = tuple(cfg.edges.scales)
+        self.detector = create_edge_detector(cfg.edges.detector, **kwargs)
+        self.max_regions = cfg.hierarchy.max_regions
+
+    def __call__(self, image: np.ndarray) -> PriorOutput:
+        h = build_hierarchy(self.detector(image), self.max_regions)
+        return PriorOutput(regions=h.regions, region_dist=h.region_dist, ucm=h.ucm)
+
+
+@register_prior("felzenszwalb")
+class FelzenszwalbPrior:
+    """Felzenszwalb-Huttenlocher graph segmentation; min_size bounds the region count."""
+
+    def __init__(self, cfg: Config):
+        self.params = cfg.priors.felzenszwalb
+
+    def __call__(self, image: np.ndarray) -> PriorOutput:
+        p = self.params
+        area = image.shape[0] * image.shape[1]
+        min_size = max(p.min_size, int(np.ceil(area / p.max_regions)))
+        segmenter = cv2.ximgproc.segmentation.createGraphSegmentation(sigma=p.sigma, k=p.k, min_size=min_size)
+        return PriorOutput(regions=relabel(segmenter.processImage(as_rgb(image)[:, :, ::-1])))
+
+
+@register_prior("slic")
+class SlicPrior:
+    """SLICO superpixels in CIELAB, sized for about `num_regions` regions."""
+
+    def __init__(self, cfg: Config):
+        self.params = cfg.priors.slic
+
+    def __call__(self, image: np.ndarray) -> PriorOutput:
+        p = self.params
+        rgb = as_rgb(image)
+        size = max(2, int(np.sqrt(rgb.shape[0] * rgb.shape[1] / p.num_regions)))
+        lab = cv2.cvtColor(cv2.GaussianBlur(rgb, (3, 3), 0), cv2.COLOR_RGB2LAB)
+        slic = cv2.ximgproc.createSuperpixelSLIC(lab, algorithm=cv2.ximgproc.SLICO, region_size=size, ruler=p.ruler)
+        slic.iterate(p.iterations)
+        slic.enforceLabelConnectivity(min_element_size=25)
+        return PriorOutput(regions=relabel(slic.getLabels()))
+
+
+@register_prior("saliency")
+class SaliencyPrior:
+    """Static saliency -> Otsu threshold -> cleaned foreground mask (MaskContrast's unsupervised prior).
+
+    Components smaller than `min_component` of the image are dropped; if what is left covers less
+    than `min_area`, the image gets no mask (MaskContrast drops such images from training).
+    """
+
+    def __init__(self, cfg: Config):
+        self.params = cfg.priors.saliency
+        self.model = (
+            cv2.saliency.StaticSaliencyFineGrained.create()
+            if self.params.method == "fine_grained"
+            else cv2.saliency.StaticSaliencySpectralResidual.create()
+        )
+
+    def __call__(self, image: np.ndarray) -> PriorOutput:
+        p = self.params
+        bgr = as_rgb(image)[:, :, ::-1]
+        ok, saliency = self.model.computeSaliency(np.ascontiguousarray(bgr))
+        if not ok:
+            raise RuntimeError("OpenCV static saliency failed on this image")
+        saliency = cv2.GaussianBlur(saliency.astype(np.float32), (0, 0), 2.0)
+        saliency = cv2.normalize(saliency, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+        _, mask = cv2.threshold(saliency, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+        mask = cv2.morphologyEx(cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel), cv2.MORPH_CLOSE, kernel)
+        count, components, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        area = mask.size
+        keep = [i for i in range(1, count) if stats[i, cv2.CC_STAT_AREA] >= p.min_component * area]
+        foreground = np.isin(components, keep)
+        if foreground.sum() < p.min_area * area:
+            return PriorOutput(masks=[])
+        return PriorOutput(masks=[Mask(mask=foreground, score=float(saliency[foreground].mean() / 255.0), label=1)])
