@@ -62,6 +62,27 @@ def demo(
     run_demo(resolve(config, extra))
 
 
+@app.command()
+def mine(
+    input: str = typer.Option(..., "--input", "-i", help="images: a folder (recursive), a glob, or s3:// / gs:// URI"),
+    output: str = typer.Option(..., "--output", "-o", help="where shards/, errors/ and _manifest.json go (local or s3:// / gs://)"),
+    config: str = typer.Option("demo", "--config", "-c", help=CONFIG_HELP),
+    fail_fast: bool = typer.Option(False, "--fail-fast", help="stop at the first bad image instead of recording it"),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (e.g. mine.priors=[ucm,saliency])"),
+) -> None:
+    """Run the grouping priors over an image collection into Parquet shards (resumable)."""
+    from distseg.mine import MiningError, mine as run_mine
+
+    cfg = resolve(config, overrides)
+    try:
+        summary = run_mine(cfg, input, output, fail_fast=fail_fast)
+    except (MiningError, FileNotFoundError, ValueError) as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    typer.echo(f"{summary.new} processed this run, {summary.skipped} already present; {summary.seconds:.1f} s; shards in {summary.output}")
+    typer.echo(f"mined {summary.mined} images, {summary.errors} errors")
+
+
 edges_app = typer.Typer(help="The grouping primitive: train and evaluate edge detectors (BSDS500).", no_args_is_help=True)
 app.add_typer(edges_app, name="edges")
 

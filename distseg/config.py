@@ -94,6 +94,22 @@ class PriorsConfig(Section):
     saliency: SaliencyConfig = SaliencyConfig()
 
 
+class MineConfig(Section):
+    """`distseg mine`: which priors run and how shards are written."""
+
+    priors: list[str] = Field(["ucm"], description="priors by registry name: ucm, felzenszwalb, slic, saliency")
+    max_side: int | None = Field(512, ge=8, description="resize images so the longer side is at most this (null: keep)")
+    image_format: str = Field("jpeg", pattern="^(jpeg|png)$", description="how the image is stored in the shard")
+    jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality of the stored image")
+    batch_size: int = Field(8, ge=1, description="images per actor call")
+    num_actors: int | None = Field(None, ge=1, description="actor pool size (default: the cluster's CPUs)")
+    rows_per_shard: int = Field(256, ge=1, description="images per Parquet shard (at least; the last may be smaller)")
+    retry_errors: bool = Field(False, description="on a rerun, retry images in the errors table")
+    extensions: list[str] = Field(
+        ["jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff"], min_length=1, description="image file extensions"
+    )
+
+
 class TrackingConfig(Section):
     experiment: str = Field("distseg", description="MLflow experiment name")
     uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite in workdir")
@@ -112,6 +128,7 @@ class Config(Section):
     edges: EdgesConfig = EdgesConfig()
     hierarchy: HierarchyConfig = HierarchyConfig()
     priors: PriorsConfig = PriorsConfig()
+    mine: MineConfig = MineConfig()
     edge_train: EdgeTrainConfig = EdgeTrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()

@@ -135,3 +135,44 @@ def test_hierarchy_any_size_and_grey(shape):
 def test_max_regions_out_of_range():
     with pytest.raises(ValueError, match="max_regions"):
         build_hierarchy(create_edge_detector("gradient")(step_image()), max_regions=256)
+
+
+def test_shipped_learned_weights_load_and_find_a_step():
+    from distseg.grouping.edgenet import shipped_weights_path
+
+    assert shipped_weights_path().is_file() and shipped_weights_path().stat().st_size < 3_000_000
+    detector = create_edge_detector("learned")  # the weights that ship in the package
+    image = np.full((64, 64, 3), 40, np.uint8)
+    image[:, 32:] = 220
+    strength = detector(image).strength
+    assert strength[:, 30:34].mean() > 3 * strength[:, 5:20].mean()
+
+
+def test_edges_eval_cli_writes_ucms_and_metrics(bsds_root, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from distseg.cli import app
+
+    from distseg.cluster import shutdown_ray
+
+    out = tmp_path / "eval"
+    try:
+        result = CliRunner().invoke(
+            app,
+            ["edges", "eval", "--detector", "gradient", "--data", str(bsds_root), "--limit", "2", "--thresholds", "9",
+             "--out", str(out), "ray.num_cpus=2"],
+        )
+    finally:
+        shutdown_ray()
+    assert result.exit_code == 0, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("ODS=") and "OIS=" in last and "AP=" in last
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_images"] == 2 and 0.2 < metrics["ucm"]["ods_f"] < 1
+    assert 0 < metrics["ucm"]["covering_ods"] <= 1 and "edges" in metrics
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 2
+    ucm = cv2.imread(str(pngs[0]), cv2.IMREAD_UNCHANGED)
+    assert ucm.dtype == np.uint16 and ucm.shape in ((321, 481), (481, 321)) and ucm.max() > 0

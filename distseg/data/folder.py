@@ -20,25 +20,38 @@ from distseg.data.imageio import read_image
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff")
 
 
-def find_images(root: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> dict[str, Path]:
-    """id -> path for every image under root, in sorted id order."""
+def assign_ids(rel_paths: list[str], extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> dict[str, str]:
+    """id -> relative path for the image files among rel_paths ('/'-separated), in sorted id order.
+
+    The id is the relative path without its extension; when two files differ only by extension,
+    both keep it, so ids stay unique and stable across machines and storage systems.
+    """
     exts = {e.lower().lstrip(".") for e in extensions}
-    files: list[str] = []
-    for folder, dirs, names in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        rel = Path(folder).relative_to(root).as_posix()
-        for name in names:
-            stem, dot, ext = name.rpartition(".")
-            if dot and stem and not name.startswith(".") and ext.lower() in exts:
-                files.append(name if rel == "." else f"{rel}/{name}")
+    files = []
+    for rel in rel_paths:
+        name = rel.rsplit("/", 1)[-1]
+        stem, dot, ext = name.rpartition(".")
+        hidden = any(part.startswith(".") for part in rel.split("/"))
+        if dot and stem and not hidden and ext.lower() in exts:
+            files.append(rel)
     by_stem: dict[str, list[str]] = defaultdict(list)
     for rel in files:
         by_stem[rel.rpartition(".")[0]].append(rel)
-    found: dict[str, Path] = {}
+    found = {}
     for stem, rels in by_stem.items():
         for rel in rels:
-            found[stem if len(rels) == 1 else rel] = root / rel
+            found[stem if len(rels) == 1 else rel] = rel
     return dict(sorted(found.items()))
+
+
+def find_images(root: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> dict[str, Path]:
+    """id -> path for every image under root (recursive; hidden files and folders skipped)."""
+    rel_paths: list[str] = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel = Path(folder).relative_to(root).as_posix()
+        rel_paths += [name if rel == "." else f"{rel}/{name}" for name in names]
+    return {image_id: root / rel for image_id, rel in assign_ids(rel_paths, extensions).items()}
 
 
 @register_dataset("folder")

@@ -119,7 +119,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         images, consensus = make_batch(pairs, tcfg, rng)
         images, consensus = images.to(device), consensus.to(device)
         for group in optimizer.param_groups:
-            group["lr"] = tcfg.lr * schedule(step)
+            group["lr"] = float(tcfg.lr * schedule(step))  # a plain float: checkpoints load with weights_only
         with torch.autocast(device.type, enabled=use_amp):
             loss = edge_loss(model(images), consensus, tcfg.consensus_threshold)
         optimizer.zero_grad(set_to_none=True)

@@ -20,6 +20,7 @@ from distseg.grouping.edges import as_rgb, create_edge_detector
 from distseg.grouping.hierarchy import build_hierarchy
 
 MAX_REGIONS = 255  # leaf ids are stored as uint8
+MIN_SIDE = 4  # below this OpenCV's segmenters crash (segfault on 1x1): such images are one region
 
 
 @dataclass
@@ -90,6 +91,8 @@ class FelzenszwalbPrior:
 
     def __call__(self, image: np.ndarray) -> PriorOutput:
         p = self.params
+        if min(image.shape[:2]) < MIN_SIDE:
+            return PriorOutput(regions=np.zeros(image.shape[:2], np.uint8))
         area = image.shape[0] * image.shape[1]
         min_size = max(p.min_size, int(np.ceil(area / p.max_regions)))
         segmenter = cv2.ximgproc.segmentation.createGraphSegmentation(sigma=p.sigma, k=p.k, min_size=min_size)
@@ -105,6 +108,8 @@ class SlicPrior:
 
     def __call__(self, image: np.ndarray) -> PriorOutput:
         p = self.params
+        if min(image.shape[:2]) < MIN_SIDE:
+            return PriorOutput(regions=np.zeros(image.shape[:2], np.uint8))
         rgb = as_rgb(image)
         size = max(2, int(np.sqrt(rgb.shape[0] * rgb.shape[1] / p.num_regions)))
         lab = cv2.cvtColor(cv2.GaussianBlur(rgb, (3, 3), 0), cv2.COLOR_RGB2LAB)
@@ -132,6 +137,8 @@ class SaliencyPrior:
 
     def __call__(self, image: np.ndarray) -> PriorOutput:
         p = self.params
+        if min(image.shape[:2]) < MIN_SIDE:
+            return PriorOutput(masks=[])
         bgr = as_rgb(image)[:, :, ::-1]
         ok, saliency = self.model.computeSaliency(np.ascontiguousarray(bgr))
         if not ok:

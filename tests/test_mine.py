@@ -1,0 +1,149 @@
+"""Mining on a real local Ray cluster: bad inputs, exactly-once resume after SIGKILL, the manifest."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+from PIL import Image
+
+from distseg.config import load_config
+from distseg.data.synthetic import make_scene
+from distseg.mine import MiningError, mine
+from distseg.shards import decode_record
+
+PRIORS = "mine.priors=[ucm,felzenszwalb,slic,saliency]"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def scene(i, size=64):
+    return make_scene(i, size, 0, "train").image
+
+
+def make_corpus(folder):
+    """Each kind of input the issue lists, with the outcome mining must give it."""
+    folder.mkdir()
+    ok, bad = {}, {}
+
+    def save(name, img, **kw):
+        img.save(folder / name, **kw)
+
+    save("rgb.png", Image.fromarray(scene(0)))
+    ok["rgb"] = (64, 64)
+    save("grey.png", Image.fromarray(scene(1)[:, :, 0]))
+    ok["grey"] = (64, 64)
+    save("rgba.png", Image.fromarray(np.dstack([scene(2), np.full((64, 64), 128, np.uint8)])))
+    ok["rgba"] = (64, 64)
+    save("palette.png", Image.fromarray(scene(3)).convert("P"))
+    ok["palette"] = (64, 64)
+    save("deep16.png", Image.fromarray((scene(4)[:, :, 0].astype(np.uint16) * 257)))
+    ok["deep16"] = (64, 64)
+    save("one.png", Image.fromarray(np.zeros((1, 1, 3), np.uint8)))
+    ok["one"] = (1, 1)
+    save("two.png", Image.fromarray(np.full((2, 2, 3), 200, np.uint8)))
+    ok["two"] = (2, 2)
+    big = np.kron(scene(5, 64), np.ones((40, 60, 1), np.uint8))  # 2560 x 3840
+    save("large.jpg", Image.fromarray(big), quality=80)
+    ok["large"] = (64, 96)  # resized to max_side=96
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    save("sub/exif.jpg", Image.fromarray(scene(6)[:40, :]), exif=exif) if (folder / "sub").mkdir() is None else None
+    ok["sub/exif"] = (64, 40)  # stored 40 x 64, shown upright as 64 x 40
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    bad["corrupt"] = "decode"
+    data = (folder / "rgb.png").read_bytes()
+    Image.fromarray(scene(7)).save(folder / "full.jpg", quality=90)
+    (folder / "truncated.jpg").write_bytes((folder / "full.jpg").read_bytes()[:300])
+    (folder / "full.jpg").unlink()
+    bad["truncated"] = "decode"
+    (folder / "text.jpg").write_text("this is not an image")
+    bad["text"] = "decode"
+    (folder / "empty.png").write_bytes(b"")
+    bad["empty"] = "decode"
+    (folder / "notes.txt").write_text("ignored: not an image extension")
+    assert data
+    return ok, bad
+
+
+def read_rows(out):
+    return pq.read_table(out / "shards").to_pylist()
+
+
+def read_errors(out):
+    return {r["image_id"]: r for r in pq.read_table(out / "errors").to_pylist()}
+
+
+def test_bad_inputs_are_processed_or_recorded(tmp_path, local_ray):
+    ok, bad = make_corpus(tmp_path / "in")
+    out = tmp_path / "out"
+    cfg = load_config("demo", [PRIORS, "edges.detector=gradient", "mine.max_side=96", "mine.rows_per_shard=4"])
+    summary = mine(cfg, str(tmp_path / "in"), str(out))
+    assert (summary.mined, summary.errors, summary.new) == (len(ok), len(bad), len(ok) + len(bad))
+
+    rows = {r["image_id"]: r for r in read_rows(out)}
+    assert set(rows) == set(ok)
+    for image_id, (height, width) in ok.items():
+        record = decode_record(rows[image_id])
+        assert record.image.shape == (height, width, 3), image_id
+        assert set(record.priors) >= {"ucm", "felzenszwalb", "slic"}
+        ucm = record.priors["ucm"]
+        assert ucm.regions.shape == (height, width) and ucm.ucm.shape == (height, width)
+        assert ucm.region_dist.shape == (ucm.regions.max() + 1,) * 2
+    errors = read_errors(out)
+    assert set(errors) == set(bad)
+    for image_id, stage in bad.items():
+        assert errors[image_id]["stage"] == stage
+        assert errors[image_id]["uri"] in errors[image_id]["message"]  # the message names the file
+        assert errors[image_id]["error_type"] == "ImageDecodeError"
+
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["rows"] == len(rows) == sum(s["rows"] for s in manifest["shards"])
+    assert manifest["errors"] == len(bad) and manifest["num_inputs"] == len(ok) + len(bad)
+    assert manifest["priors"] == ["ucm", "felzenszwalb", "slic", "saliency"]
+
+    again = mine(cfg, str(tmp_path / "in"), str(out))  # nothing left to do: no duplicates
+    assert (again.new, again.skipped, again.mined, again.errors) == (0, len(ok) + len(bad), len(ok), len(bad))
+    assert len(read_rows(out)) == len(ok)
+
+    with pytest.raises(MiningError, match=r"corrupt\.png.*decode"):
+        mine(cfg.model_copy(update={"mine": cfg.mine.model_copy(update={"retry_errors": True})}), str(tmp_path / "in"), str(tmp_path / "ff"), fail_fast=True)
+
+
+def test_sigkill_midway_then_resume_gives_exactly_one_row_per_image(tmp_path):
+    images = tmp_path / "in"
+    images.mkdir()
+    n = 40
+    for i in range(n):
+        Image.fromarray(scene(i, 96)).save(images / f"img{i:03d}.png")
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "distseg.cli", "mine", "--input", str(images), "--output", str(out),
+            "edges.detector=gradient", "mine.rows_per_shard=2", "mine.batch_size=1", "ray.num_cpus=2"]
+    proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((out / "shards").glob("*.parquet"))) < 3:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the job and the Ray cluster it started, all at once
+    proc.wait()
+    first = len(read_rows(out))
+    assert 0 < first < n, f"the kill should land midway, found {first} of {n} rows"
+    assert not list((out / "shards").glob("*.tmp"))  # temporary files are hidden, and never read
+
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == f"mined {n} images, 0 errors"
+    ids = [r["image_id"] for r in read_rows(out)]
+    assert sorted(ids) == sorted(f"img{i:03d}" for i in range(n))  # none missing, none duplicated
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["rows"] == n
