@@ -124,16 +124,17 @@ def test_bad_inputs_are_processed_or_recorded(tmp_path, local_ray):
 def test_sigkill_midway_then_resume_gives_exactly_one_row_per_image(tmp_path):
     images = tmp_path / "in"
     images.mkdir()
-    n = 40
+    n = 60
     for i in range(n):
         Image.fromarray(scene(i, 96)).save(images / f"img{i:03d}.png")
     out = tmp_path / "out"
     args = [sys.executable, "-m", "distseg.cli", "mine", "--input", str(images), "--output", str(out),
-            "edges.detector=gradient", "mine.rows_per_shard=2", "mine.batch_size=1", "ray.num_cpus=2"]
+            "edges.detector=gradient", "mine.rows_per_shard=2", "mine.batch_size=1", "mine.num_actors=1", "ray.num_cpus=2"]
     proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and len(list((out / "shards").glob("*.parquet"))) < 3:
-        time.sleep(0.2)
+    # one actor works through 4 blocks in turn: kill as soon as the first block's shard lands
+    while time.time() < deadline and not list((out / "shards").glob("*.parquet")):
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the job and the Ray cluster it started, all at once
     proc.wait()
     first = len(read_rows(out))

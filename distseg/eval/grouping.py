@@ -36,15 +36,6 @@ class ImageResult:
     region_counts: RegionImageCounts | None
 
 
-def detector_kwargs(cfg: Config) -> dict:
-    kwargs: dict = {}
-    if cfg.edges.detector in ("learned", "sed"):
-        kwargs["weights"] = cfg.edges.weights
-    if cfg.edges.detector == "learned":
-        kwargs["scales"] = tuple(cfg.edges.scales)
-    return kwargs
-
-
 def evaluate_images(cfg_dict: dict, items: list[tuple[str, str, str]], out_dir: str, thresholds: int, regions: bool, edges_alone: bool) -> list[ImageResult]:
     """Run detector + hierarchy + benchmark on (image_id, image_path, gt_path) items."""
     import torch
@@ -52,12 +43,12 @@ def evaluate_images(cfg_dict: dict, items: list[tuple[str, str, str]], out_dir: 
     from distseg.config import build_config
     from distseg.data.bsds import load_ground_truth
     from distseg.data.imageio import read_image
-    from distseg.grouping.edges import create_edge_detector
+    from distseg.grouping.edges import edge_detector_from_config
     from distseg.grouping.hierarchy import build_hierarchy
 
     torch.set_num_threads(1)
     cfg = build_config(cfg_dict)
-    detector = create_edge_detector(cfg.edges.detector, **detector_kwargs(cfg))
+    detector = edge_detector_from_config(cfg.edges)
     results = []
     for image_id, image_path, gt_path in items:
         image = read_image(image_path)

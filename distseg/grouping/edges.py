@@ -46,6 +46,16 @@ def create_edge_detector(name: str, **kwargs) -> EdgeDetector:
     return EDGE_DETECTORS[name](**kwargs)
 
 
+def edge_detector_from_config(edges_cfg) -> EdgeDetector:
+    """The detector an `EdgesConfig` names, with its weights and scales where it takes them."""
+    kwargs: dict = {}
+    if edges_cfg.detector in ("learned", "sed"):
+        kwargs["weights"] = edges_cfg.weights
+    if edges_cfg.detector == "learned":
+        kwargs["scales"] = tuple(edges_cfg.scales)
+    return create_edge_detector(edges_cfg.detector, **kwargs)
+
+
 def as_rgb(image: np.ndarray) -> np.ndarray:
     """uint8 H x W x 3 from grey (H x W or H x W x 1) or RGB input."""
     image = np.asarray(image)

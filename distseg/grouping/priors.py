@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from distseg.config import Config
-from distseg.grouping.edges import as_rgb, create_edge_detector
+from distseg.grouping.edges import as_rgb, edge_detector_from_config
 from distseg.grouping.hierarchy import build_hierarchy
 
 MAX_REGIONS = 255  # leaf ids are stored as uint8
@@ -69,12 +69,7 @@ def relabel(labels: np.ndarray) -> np.ndarray:
 @register_prior("ucm")
 class UCMPrior:
     def __init__(self, cfg: Config):
-        kwargs = {}
-        if cfg.edges.detector in ("learned", "sed"):
-            kwargs["weights"] = cfg.edges.weights
-        if cfg.edges.detector == "learned":
-            kwargs["scales"] = tuple(cfg.edges.scales)
-        self.detector = create_edge_detector(cfg.edges.detector, **kwargs)
+        self.detector = edge_detector_from_config(cfg.edges)
         self.max_regions = cfg.hierarchy.max_regions
 
     def __call__(self, image: np.ndarray) -> PriorOutput:
