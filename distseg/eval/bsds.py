@@ -633,6 +633,17 @@ def _is_segmentation_list(prediction: Any) -> bool:
     return isinstance(prediction, (list, tuple))
 
 
+def _segmentation_list(items: Sequence[np.ndarray], shape: tuple[int, ...]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Validated label maps and their thresholds 1..N (one "threshold" per segmentation)."""
+    segs = [np.asarray(s) for s in items]
+    if not segs:
+        raise ValueError("empty list of segmentations")
+    for s in segs:
+        if s.shape != shape:
+            raise ValueError(f"segmentation shape {s.shape} != image shape {shape}")
+    return segs, np.arange(1, len(segs) + 1, dtype=np.float64)
+
+
 def _as_boundary_strength(pb: np.ndarray) -> np.ndarray:
     pb = np.asarray(pb)
     if pb.dtype == np.uint8:  # a PNG boundary map, read as in the official code: imread / 255
@@ -703,13 +714,7 @@ def evaluate_boundaries_image(
         raise ValueError("ground-truth boundary maps must be 2-D and of one size")
 
     if _is_segmentation_list(pb_or_segs):
-        segs = [np.asarray(s) for s in pb_or_segs]  # type: ignore[union-attr]
-        if not segs:
-            raise ValueError("empty list of segmentations")
-        for s in segs:
-            if s.shape != shape:
-                raise ValueError(f"segmentation shape {s.shape} != image shape {shape}")
-        thresh = np.arange(1, len(segs) + 1, dtype=np.float64)
+        segs, thresh = _segmentation_list(pb_or_segs, shape)  # type: ignore[arg-type]
         maps = (seg2bdry(s, "imageSize") for s in segs)
     else:
         pb = _pixel_map(pb_or_segs, shape)  # type: ignore[arg-type]
@@ -888,13 +893,7 @@ def evaluate_regions_image(
     ).astype(np.float64)
 
     if _is_segmentation_list(prediction):
-        segs = [np.asarray(s) for s in prediction]  # type: ignore[union-attr]
-        if not segs:
-            raise ValueError("empty list of segmentations")
-        for s in segs:
-            if s.shape != shape:
-                raise ValueError(f"segmentation shape {s.shape} != image shape {shape}")
-        thresh = np.arange(1, len(segs) + 1, dtype=np.float64)
+        segs, thresh = _segmentation_list(prediction, shape)  # type: ignore[arg-type]
 
         def segment(t: int) -> np.ndarray:
             return segs[t]
