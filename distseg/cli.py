@@ -83,6 +83,82 @@ def mine(
     typer.echo(f"mined {summary.mined} images, {summary.errors} errors")
 
 
+@app.command()
+def pretrain(
+    config: str = typer.Option("hiergroup", "--config", "-c", help=CONFIG_HELP + ": hiergroup | concepts | maskcontrast | demo"),
+    data: str | None = typer.Option(None, "--data", "-d", help="shards folder written by `distseg mine` (default: mine the synthetic set first)"),
+    name: str | None = typer.Option(None, help="run name (default: the config's); rerunning a name resumes it"),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (see pretrain.*, model.*, losses.*)"),
+) -> None:
+    """Pretrain pixel embeddings on grouping shards with Ray Train (resumable, checkpointed, logged to MLflow)."""
+    from distseg.train.ingest import IngestError
+    from distseg.train.pretrain import pretrain as run_pretrain
+
+    extra = ([f"pretrain.data={data}"] if data else []) + ([f"name={name}"] if name else [])
+    cfg = resolve(config, extra + list(overrides or []))
+    try:
+        result = run_pretrain(cfg)
+    except (IngestError, FileNotFoundError) as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    losses = " ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if k.startswith("loss"))
+    typer.echo(f"checkpoint: {result.checkpoint}  (MLflow run {result.run_id})")
+    typer.echo(f"pretrained {cfg.pretrain.method} for {result.metrics.get('step')} steps: {losses}")
+
+
+@app.command()
+def evaluate(
+    checkpoint: str | None = typer.Option(None, "--checkpoint", help="checkpoint folder from `distseg pretrain` (model.pt, config.yaml)"),
+    data: str | None = typer.Option(None, "--data", help="msrc | davis | synthetic | folder:PATH (default: the config's evaluate.data)"),
+    protocols: str | None = typer.Option(None, "--protocols", help="comma list: linear,kmeans,knn,retrieval,davis,purity"),
+    seeds: int | None = typer.Option(None, "--seeds", help="rerun the stochastic protocols with N seeds (mean +- std)"),
+    baseline: str | None = typer.Option(None, "--baseline", help="also score baselines: random, rgbxy (comma list)"),
+    out: Path | None = typer.Option(None, "--out", help="output folder for metrics.json and pictures (default: <workdir>/eval/<name>)"),
+    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP + " (default: the checkpoint's config.yaml, else demo)"),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (see evaluate.*)"),
+) -> None:
+    """Score frozen embeddings with the evaluation protocols (and baselines) and log everything to MLflow."""
+    from distseg.eval.evaluate import EvaluationError, evaluate as run_evaluate
+
+    if config is None:
+        config = str(Path(checkpoint) / "config.yaml") if checkpoint and (Path(checkpoint) / "config.yaml").is_file() else "demo"
+    extra = []
+    if data:
+        extra.append(f"evaluate.data={data}")
+    if protocols:
+        extra.append(f"evaluate.protocols=[{protocols}]")
+    if seeds:
+        extra.append(f"evaluate.seeds={seeds}")
+    if baseline:
+        extra.append(f"evaluate.baselines=[{baseline}]")
+    cfg = resolve(config, extra + list(overrides or []))
+    out = out or Path(cfg.workdir) / "eval" / cfg.name
+    try:
+        results = run_evaluate(cfg, checkpoint, out)
+    except (EvaluationError, FileNotFoundError) as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    for line in summary_lines(results):
+        typer.echo(line)
+    typer.echo(f"wrote {out}/metrics.json")
+
+
+def summary_lines(results: dict) -> list[str]:
+    """One line per protocol: its headline metric for every source, mean +- std over seeds."""
+    from distseg.eval.evaluate import headline
+
+    lines = []
+    for protocol in results["protocols"]:
+        parts = []
+        for source, res in results["sources"].items():
+            key, value = headline(protocol, res["metrics"])
+            if value is not None:
+                parts.append(f"{source} {value['mean']:.3f}" + (f" +- {value['std']:.3f}" if len(value["values"]) > 1 else ""))
+        if parts:
+            lines.append(f"{protocol}: {key} " + ", ".join(parts))
+    return lines
+
+
 edges_app = typer.Typer(help="The grouping primitive: train and evaluate edge detectors (BSDS500).", no_args_is_help=True)
 app.add_typer(edges_app, name="edges")
 

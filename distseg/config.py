@@ -110,6 +110,94 @@ class MineConfig(Section):
     )
 
 
+class ModelConfig(Section):
+    """The hypercolumn embedding network (Zhang & Maire): backbone Res3 + Res4 -> D-dim unit vectors."""
+
+    backbone: str = Field("resnet18", description="resnet18 | resnet34 | resnet50 | resnet101 | timm:<model name>")
+    embed_dim: int = Field(32, ge=2, description="embedding dimension D")
+    head_channels: int = Field(256, ge=8, description="channels of each Res3/Res4 projection")
+    weights: str | None = Field(None, description="backbone init: a local state-dict file (default: random init)")
+
+
+class HiergroupLoss(Section):
+    sigma_p: float = Field(0.8, gt=0, description="temperature of the positive-sampling probability (Eq. 2)")
+    temperature: float = Field(0.3, gt=0, description="contrastive temperature (Eq. 1)")
+    regions_per_image: int = Field(7, ge=1, description="anchor regions sampled per image")
+    num_pos: int = Field(10, ge=1, description="positives per anchor pixel")
+    num_neg: int = Field(5, ge=1, description="negatives per anchor pixel (within the image)")
+    cns: int = Field(5, ge=0, description="cross-image negatives per anchor pixel")
+
+
+class ConceptsLoss(Section):
+    kappa: float = Field(10.0, gt=0, description="concentration of the pixel-to-segment contrast L_s")
+    num_concepts: int = Field(512, ge=2, description="concept dictionary size K")
+    beta: float = Field(0.5, ge=0, description="VQ commitment weight")
+    lambda_s: float = Field(1.0, ge=0, description="weight of L_s")
+    lambda_v: float = Field(2.0, ge=0, description="weight of L_v")
+    lambda_c: float = Field(1.0, ge=0, description="weight of L_c")
+    bank_batches: int = Field(2, ge=0, description="memory bank: segment embeddings of this many past batches")
+
+
+class MaskContrastLoss(Section):
+    temperature: float = Field(0.5, gt=0, description="contrastive temperature tau")
+    queue_size: int = Field(128, ge=1, description="queue of past mask prototypes K")
+    momentum: float = Field(0.999, ge=0, lt=1, description="momentum m of the key encoder")
+
+
+class LossesConfig(Section):
+    hiergroup: HiergroupLoss = HiergroupLoss()
+    concepts: ConceptsLoss = ConceptsLoss()
+    maskcontrast: MaskContrastLoss = MaskContrastLoss()
+
+
+class PretrainConfig(Section):
+    """`distseg pretrain`: pixel embeddings from grouping shards with Ray Train."""
+
+    method: str = Field("hiergroup", description="loss by registry name: hiergroup | concepts | maskcontrast")
+    prior: str = Field("ucm", description="the shard prior column giving the segments (saliency for maskcontrast)")
+    data: str | None = Field(None, description="shards folder (mine's output); none: mine the synthetic set first")
+    steps: int = Field(2000, ge=1, description="optimizer steps")
+    batch_size: int = Field(8, ge=1, description="images per step per worker (two views each)")
+    crop: int = Field(224, ge=32, description="side of the square random-resized crops")
+    crop_scale: tuple[float, float] = Field((0.3, 1.0), description="area range of the random resized crop")
+    color_jitter: float = Field(0.4, ge=0, description="brightness/contrast/saturation jitter (hue: a quarter of it)")
+    max_regions: int = Field(64, ge=1, le=256, description="d_T padding size; images with more regions are an error")
+    optimizer: str = Field("adam", pattern="^(adam|sgd)$", description="adam | sgd")
+    lr: float = Field(1e-2, gt=0, description="peak learning rate")
+    weight_decay: float = Field(1e-4, ge=0, description="weight decay")
+    schedule: str = Field("step", pattern="^(step|poly|cosine|constant)$", description="learning-rate schedule")
+    step_milestones: list[float] = Field([0.6, 0.85], description="step schedule: fractions of the run where lr *= gamma")
+    step_gamma: float = Field(0.1, gt=0, le=1, description="step schedule: decay factor")
+    poly_power: float = Field(0.9, gt=0, description="poly schedule: lr * (1 - t/T)^power")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel)")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs (and torch threads) per worker")
+    use_gpu: bool = Field(False, description="one GPU per worker (AMP and channels_last on)")
+    ingest: str = Field("ray_data", pattern="^(ray_data|memory)$", description="ray_data streaming | memory (benchmark baseline)")
+    log_every: int = Field(10, ge=1, description="steps between metric reports")
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")
+    num_to_keep: int | None = Field(3, ge=1, description="checkpoints kept (null: all)")
+    max_failures: int = Field(3, ge=0, description="worker failures to recover from (resume from the last checkpoint)")
+
+
+class EvaluateConfig(Section):
+    """`distseg evaluate`: protocols on frozen embeddings of a checkpoint and of baselines."""
+
+    data: str = Field("synthetic", description="msrc | davis | synthetic | folder:PATH (labels needed except for davis)")
+    root: str | None = Field(None, description="dataset root (default: $DISTSEG_DATA_ROOT or ../shared/data/<name>)")
+    protocols: list[str] = Field(["linear", "kmeans", "knn", "retrieval"], min_length=1,
+                                 description="linear, kmeans, knn, retrieval, davis, purity")  # fmt: skip
+    train_split: str = Field("train", description="split whose features train the probe / give kNN prototypes")
+    eval_split: str = Field("val", description="split that is scored")
+    limit: int | None = Field(None, ge=1, description="only the first N images of each split (quick runs)")
+    image_size: int | None = Field(320, ge=16, description="resize so the longer side is this before extracting features")
+    seeds: int = Field(1, ge=1, description="rerun the stochastic protocols with this many seeds (mean +- std)")
+    baselines: list[str] = Field([], description="also score these feature sources: random, rgbxy")
+    num_examples: int = Field(4, ge=0, description="example pictures (PCA, segmentations) logged per source")
+    protocol_args: dict[str, dict] = Field({}, description="extra keyword arguments per protocol, e.g. {linear: {head: aspp}}")
+    davis_max_frames: int | None = Field(None, ge=2, description="davis: only the first N frames of each sequence")
+
+
 class TrackingConfig(Section):
     experiment: str = Field("distseg", description="MLflow experiment name")
     uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite in workdir")
@@ -130,6 +218,10 @@ class Config(Section):
     priors: PriorsConfig = PriorsConfig()
     mine: MineConfig = MineConfig()
     edge_train: EdgeTrainConfig = EdgeTrainConfig()
+    model: ModelConfig = ModelConfig()
+    losses: LossesConfig = LossesConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
 

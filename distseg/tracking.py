@@ -111,6 +111,16 @@ def get_or_create_experiment(uri: str, name: str, workdir: str | Path) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
+def _run_exists(client, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
 @contextmanager
 def start_run(
     cfg: Config,
@@ -118,16 +128,25 @@ def start_run(
     parent_run_id: str | None = None,
     tags: Mapping[str, Any] | None = None,
     log_config: bool = True,
+    run_id: str | None = None,
 ) -> Iterator[Tracker]:
-    """Open an MLflow run for a stage; it ends FINISHED, or FAILED if the block raises."""
+    """Open an MLflow run for a stage; it ends FINISHED, or FAILED if the block raises.
+
+    With `run_id` of a run in this store, that run is reopened (a resumed job keeps one run)."""
     uri = tracking_uri(cfg.workdir, cfg.tracking.uri)
     exp_id = get_or_create_experiment(uri, cfg.tracking.experiment, cfg.workdir)
     run_tags = {k: str(v) for k, v in (tags or {}).items()}
     if parent_run_id:
         run_tags[PARENT_TAG] = parent_run_id
     client = _client(uri)
-    run = client.create_run(exp_id, tags=run_tags, run_name=run_name or cfg.name)
-    tracker = Tracker(run.info.run_id, uri)
+    if run_id and _run_exists(client, run_id):
+        client.update_run(run_id, status="RUNNING")
+        tracker = Tracker(run_id, uri)
+        tracker.set_tags(run_tags)
+        log_config = False  # params are immutable in MLflow and were logged when the run began
+    else:
+        run = client.create_run(exp_id, tags=run_tags, run_name=run_name or cfg.name)
+        tracker = Tracker(run.info.run_id, uri)
     if log_config:
         tracker.log_config(cfg)
     try:

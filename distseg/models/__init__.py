@@ -1,0 +1,18 @@
+"""Models: backbones by name and the hypercolumn pixel-embedding network.
+
+    model = create_model(ModelConfig(backbone="resnet18", embed_dim=32))
+    emb = model(images)  # (B, D, H/4, W/4), L2-normalised along D
+"""
+
+from distseg.models.backbones import BACKBONES, Backbone, create_backbone, register_backbone
+from distseg.models.hypercolumn import HypercolumnNet, create_model, load_embedding_model
+
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "HypercolumnNet",
+    "create_backbone",
+    "create_model",
+    "load_embedding_model",
+    "register_backbone",
+]

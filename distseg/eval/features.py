@@ -1,0 +1,109 @@
+"""Frozen dense features for the evaluation protocols: a checkpoint, or a baseline by name.
+
+    extract = create_features("checkpoint", checkpoint="outputs/checkpoints/demo", image_size=320)
+    feats = extract(image)  # (D, h, w) float32, h ~ H/4
+
+Baselines, computed by the same command for an honest comparison: `random` (the checkpoint's
+architecture with random init) and `rgbxy` (Lab colour and pixel position, at the same 1/4 grid).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import cv2
+import numpy as np
+import torch
+
+from distseg.models import create_model, load_embedding_model
+
+FeatureFn = Callable[[np.ndarray], np.ndarray]
+FEATURES: dict[str, Callable[..., FeatureFn]] = {}
+
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def register_features(name: str):
+    def deco(factory):
+        FEATURES[name] = factory
+        return factory
+
+    return deco
+
+
+def create_features(name: str, **kwargs) -> FeatureFn:
+    if name not in FEATURES:
+        raise KeyError(f"unknown feature source {name!r} (known: {', '.join(sorted(FEATURES))})")
+    return FEATURES[name](**kwargs)
+
+
+def resize_longer(image: np.ndarray, side: int | None) -> np.ndarray:
+    if not side or max(image.shape[:2]) == side:
+        return image
+    scale = side / max(image.shape[:2])
+    size = (max(8, round(image.shape[1] * scale)), max(8, round(image.shape[0] * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+
+
+class ModelFeatures:
+    """Embeddings of a network (eval mode, no grad); images resized so the longer side is `image_size`."""
+
+    def __init__(self, model: torch.nn.Module, image_size: int | None = 320, device: str = "cpu"):
+        self.model = model.to(device).eval()
+        self.image_size = image_size
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        x = (resize_longer(image, self.image_size).astype(np.float32) / 255 - MEAN) / STD
+        x = torch.from_numpy(x).permute(2, 0, 1)[None].to(self.device)
+        return self.model(x)[0].float().cpu().numpy()
+
+
+@register_features("checkpoint")
+def _checkpoint(checkpoint: str, image_size: int | None = 320, device: str = "cpu", **_) -> FeatureFn:
+    model, _cfg = load_embedding_model(checkpoint, device)
+    return ModelFeatures(model, image_size, device)
+
+
+@register_features("random")
+def _random(model_cfg, image_size: int | None = 320, device: str = "cpu", seed: int = 0, **_) -> FeatureFn:
+    torch.manual_seed(seed)
+    return ModelFeatures(create_model(model_cfg.model_copy(update={"weights": None})), image_size, device)
+
+
+class RGBXYFeatures:
+    """Lab colour (scaled to about [-1, 1]) and x, y position (x `xy_weight`) on the 1/4 grid."""
+
+    def __init__(self, image_size: int | None = 320, xy_weight: float = 1.0):
+        self.image_size = image_size
+        self.xy_weight = xy_weight
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        image = resize_longer(image, self.image_size)
+        h, w = max(1, image.shape[0] // 4), max(1, image.shape[1] // 4)
+        small = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+        lab = cv2.cvtColor(small.astype(np.float32) / 255, cv2.COLOR_RGB2Lab)
+        lab = (lab - np.array([50.0, 0.0, 0.0], np.float32)) / np.array([50.0, 100.0, 100.0], np.float32)
+        ys, xs = np.meshgrid(np.linspace(-1, 1, h, dtype=np.float32), np.linspace(-1, 1, w, dtype=np.float32), indexing="ij")
+        return np.concatenate([lab.transpose(2, 0, 1), self.xy_weight * np.stack([xs, ys])]).astype(np.float32)
+
+
+@register_features("rgbxy")
+def _rgbxy(image_size: int | None = 320, **_) -> FeatureFn:
+    return RGBXYFeatures(image_size)
+
+
+def pca_rgb(features: np.ndarray) -> np.ndarray:
+    """(D, h, w) features -> (h, w, 3) uint8 picture of their first three principal components."""
+    d, h, w = features.shape
+    x = features.reshape(d, -1).T
+    x = x - x.mean(0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    proj = x @ vt[:3].T
+    if proj.shape[1] < 3:
+        proj = np.pad(proj, ((0, 0), (0, 3 - proj.shape[1])))
+    lo, hi = np.percentile(proj, 1, axis=0), np.percentile(proj, 99, axis=0)
+    proj = np.clip((proj - lo) / np.maximum(hi - lo, 1e-6), 0, 1)
+    return (proj.reshape(h, w, 3) * 255).astype(np.uint8)

@@ -1,0 +1,59 @@
+"""The hypercolumn embedding network of Zhang & Maire (2020).
+
+Res3 and Res4 of the backbone (standard strides 8 and 16) are each projected by one 3x3 Conv-BN-ReLU,
+upsampled to 1/4 of the input, concatenated, and mapped by one 3x3 conv to a D-dimensional embedding
+that is L2-normalised per pixel.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distseg.config import ModelConfig
+from distseg.models.backbones import create_backbone
+
+
+def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class HypercolumnNet(nn.Module):
+    def __init__(self, backbone: str = "resnet18", embed_dim: int = 32, head_channels: int = 256, weights: str | None = None):
+        super().__init__()
+        self.backbone = create_backbone(backbone, weights)
+        c3, c4 = self.backbone.channels
+        self.proj3 = _conv_bn_relu(c3, head_channels)
+        self.proj4 = _conv_bn_relu(c4, head_channels)
+        self.embed = nn.Conv2d(2 * head_channels, embed_dim, 3, padding=1)
+        self.embed_dim = embed_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = (max(1, x.shape[-2] // 4), max(1, x.shape[-1] // 4))
+        res3, res4 = self.backbone(x)
+        h3 = F.interpolate(self.proj3(res3), size=size, mode="bilinear", align_corners=False)
+        h4 = F.interpolate(self.proj4(res4), size=size, mode="bilinear", align_corners=False)
+        return F.normalize(self.embed(torch.cat([h3, h4], 1)), dim=1)
+
+
+def create_model(cfg: ModelConfig) -> HypercolumnNet:
+    """The embedding network a `ModelConfig` describes (random init unless `cfg.weights` is set)."""
+    return HypercolumnNet(cfg.backbone, cfg.embed_dim, cfg.head_channels, cfg.weights)
+
+
+def load_embedding_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[HypercolumnNet, "object"]:
+    """(model in eval mode, its Config) from a checkpoint directory (model.pt + config.yaml)."""
+    from distseg.config import load_config
+
+    folder = Path(checkpoint)
+    for name in ("model.pt", "config.yaml"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"checkpoint {folder}: {name} is missing (expected model.pt, config.yaml, meta.json)")
+    cfg = load_config(folder / "config.yaml")
+    model_cfg = cfg.model.model_copy(update={"weights": None})  # the checkpoint holds every weight
+    model = create_model(model_cfg)
+    model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
+    return model.to(device).eval(), cfg

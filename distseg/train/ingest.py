@@ -1,0 +1,146 @@
+"""Streaming ingest: grouping shards -> decoded rows -> two paired augmented views per image.
+
+Ray Data reads the shards' Parquet (the image bytes are in the shard: the source store is never read
+again), decodes each row and draws two views. Each view is a random resized crop + horizontal flip
+applied identically to the image and its segment map (torchvision v2 transforms on an Image and a
+Mask), then colour jitter on the image only. Both views crop the same segment map, so segment id r
+means the same region of the same image in both views. Pixels a view does not cover do not exist
+(crops lie inside the image), so no ignore value is needed here; -1 is reserved for padding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from distseg.config import PretrainConfig
+from distseg.shards import decode_image, decode_png, decode_masks
+
+MASK_PRIORS = {"saliency"}  # priors whose segments are the foreground mask (1) vs background (0)
+
+
+class IngestError(ValueError):
+    """Shards that cannot feed training (missing folder or prior column, too many regions)."""
+
+
+def shard_files(shards: str | Path) -> list[str]:
+    """The Parquet files of a mining output folder (or of a folder of Parquet files)."""
+    root = Path(shards)
+    folder = root / "shards" if (root / "shards").is_dir() else root
+    files = sorted(str(p) for p in folder.glob("*.parquet"))
+    if not files:
+        raise IngestError(f"no Parquet shards under {folder} (run `distseg mine` and pass its --output folder)")
+    return files
+
+
+def check_prior(files: list[str], prior: str) -> None:
+    names = pq.read_schema(files[0]).names
+    if prior not in names:
+        available = [n for n in names if n not in ("image_id", "uri", "height", "width", "image", "prior")]
+        raise IngestError(
+            f"shard {files[0]} has no column for prior {prior!r} (it has: {', '.join(available) or 'none'}); "
+            f"mine with mine.priors=[{prior}] or set pretrain.prior"
+        )
+
+
+def segments_of(value: dict | None, prior: str, height: int, width: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """(segment map int16, d_T or None) from one prior cell; None when the image has no usable segments."""
+    if value is None:
+        return None
+    if prior in MASK_PRIORS:
+        masks = decode_masks(value.get("masks"), height, width)
+        if not masks:
+            return None  # MaskContrast drops images without a salient object
+        foreground = np.zeros((height, width), bool)
+        for m in masks:
+            foreground |= m.mask
+        return foreground.astype(np.int16), None
+    if value.get("regions") is None:
+        return None
+    regions = decode_png(value["regions"]).astype(np.int16)
+    dist = value.get("region_dist")
+    if dist is not None:
+        k = int(round(np.sqrt(len(dist))))
+        dist = np.asarray(dist, np.float32).reshape(k, k)
+    return regions, dist
+
+
+class PairedViews:
+    """Draw two augmented views of an image and its segment map (the same transform for both)."""
+
+    def __init__(self, crop: int, crop_scale: tuple[float, float], color_jitter: float):
+        geometric = [v2.RandomResizedCrop(crop, scale=tuple(crop_scale), antialias=True), v2.RandomHorizontalFlip()]
+        photometric = []
+        if color_jitter > 0:
+            j = color_jitter
+            photometric = [v2.RandomApply([v2.ColorJitter(j, j, j, j / 4)], p=0.8), v2.RandomGrayscale(p=0.2)]
+        self.transform = v2.Compose(geometric + photometric)  # v2 colour ops leave Mask untouched
+
+    def __call__(self, image: np.ndarray, segments: np.ndarray) -> tuple[np.ndarray, ...]:
+        img = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))
+        seg = tv_tensors.Mask(torch.from_numpy(segments.astype(np.int64)))
+        out = []
+        for _ in range(2):
+            v, s = self.transform(img, seg)
+            out += [v.numpy(), s.numpy().astype(np.int16)]
+        return tuple(out)
+
+
+class MakePairs:
+    """Ray Data `map_batches` callable: shard rows (pyarrow) -> a numpy batch of paired views."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = PretrainConfig.model_validate(cfg)
+        self.views = PairedViews(self.cfg.crop, self.cfg.crop_scale, self.cfg.color_jitter)
+
+    def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
+        cfg = self.cfg
+        rows = table.to_pylist()
+        v1, s1, v2_, s2, dists = [], [], [], [], []
+        for row in rows:
+            found = segments_of(row.get(cfg.prior), cfg.prior, int(row["height"]), int(row["width"]))
+            if found is None:
+                continue
+            segments, dist = found
+            if dist is not None and dist.shape[0] > cfg.max_regions:
+                raise IngestError(
+                    f"image {row.get('image_id')}: {dist.shape[0]} regions > pretrain.max_regions={cfg.max_regions}"
+                )
+            a, sa, b, sb = self.views(decode_image(row["image"]), segments)
+            v1.append(a), s1.append(sa), v2_.append(b), s2.append(sb)
+            padded = np.ones((cfg.max_regions, cfg.max_regions), np.float32)
+            if dist is not None:
+                padded[: dist.shape[0], : dist.shape[0]] = dist
+            dists.append(padded)
+        c = cfg.crop
+        if not v1:
+            empty = lambda shape, dt: np.zeros((0, *shape), dt)  # noqa: E731
+            return {"view1": empty((3, c, c), np.uint8), "seg1": empty((c, c), np.int16),
+                    "view2": empty((3, c, c), np.uint8), "seg2": empty((c, c), np.int16),
+                    "dist": empty((cfg.max_regions, cfg.max_regions), np.float32)}  # fmt: skip
+        return {"view1": np.stack(v1), "seg1": np.stack(s1), "view2": np.stack(v2_), "seg2": np.stack(s2), "dist": np.stack(dists)}
+
+
+def make_pairs(table: pa.Table, cfg: dict) -> dict[str, np.ndarray]:
+    return MakePairs(cfg)(table)
+
+
+def build_dataset(shards: str | Path, cfg: PretrainConfig, cpus_per_task: float = 0.5):
+    """The Ray Dataset of paired views that training streams from (decode + augment run as tasks)."""
+    import ray
+
+    files = shard_files(shards)
+    check_prior(files, cfg.prior)
+    ds = ray.data.read_parquet(files, columns=["image_id", "height", "width", "image", cfg.prior])
+    return ds.map_batches(make_pairs, fn_kwargs={"cfg": cfg.model_dump(mode="json")}, batch_format="pyarrow",
+                          batch_size=16, num_cpus=cpus_per_task)  # fmt: skip
+
+
+def count_rows(shards: str | Path) -> int:
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in shard_files(shards))

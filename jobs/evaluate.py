@@ -1,0 +1,11 @@
+"""Evaluate a checkpoint on a Ray cluster (the same as `distseg evaluate`).
+
+    ray job submit --working-dir . -- python jobs/evaluate.py --checkpoint CKPT --data msrc --baseline random,rgbxy
+"""
+
+from distseg.cli import app
+
+if __name__ == "__main__":
+    import sys
+
+    app(["evaluate", *sys.argv[1:]])

@@ -1,0 +1,11 @@
+"""Pretrain pixel embeddings on a Ray cluster (the same as `distseg pretrain`).
+
+    ray job submit --working-dir . -- python jobs/pretrain.py --config hiergroup --data SHARDS pretrain.num_workers=4
+"""
+
+from distseg.cli import app
+
+if __name__ == "__main__":
+    import sys
+
+    app(["pretrain", *sys.argv[1:]])

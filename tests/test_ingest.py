@@ -1,0 +1,97 @@
+"""Paired-view ingest: the same geometry for image and segments, shard rows -> batches, clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from distseg.config import PretrainConfig
+from distseg.grouping.priors import Mask, PriorOutput
+from distseg.shards import GroupingRecord, encode_record, shard_schema
+from distseg.train.ingest import IngestError, MakePairs, PairedViews, check_prior, shard_files
+
+COLORS = np.array([[250, 10, 10], [10, 250, 10], [10, 10, 250], [240, 240, 20]], np.uint8)
+
+
+def quadrant_image(h: int = 64, w: int = 80) -> tuple[np.ndarray, np.ndarray]:
+    """Segments 0..3 as quadrants; the image paints segment r in COLORS[r]."""
+    seg = np.zeros((h, w), np.int16)
+    seg[: h // 2, w // 2 :] = 1
+    seg[h // 2 :, : w // 2] = 2
+    seg[h // 2 :, w // 2 :] = 3
+    return COLORS[seg], seg
+
+
+def test_paired_views_keep_image_and_segments_aligned():
+    torch.manual_seed(0)
+    image, seg = quadrant_image()
+    views = PairedViews(crop=32, crop_scale=(0.2, 1.0), color_jitter=0.0)
+    for _ in range(20):
+        v1, s1, v2, s2 = views(image, seg)
+        assert v1.shape == (3, 32, 32) and s1.shape == (32, 32) and s1.dtype == np.int16
+        for v, s in ((v1, s1), (v2, s2)):
+            # the colour of each pixel must be its segment's colour (except on blended boundary pixels)
+            err = np.abs(v.transpose(1, 2, 0).astype(int) - COLORS[s].astype(int)).max(-1)
+            assert (err < 30).mean() > 0.9
+            assert set(np.unique(s)) <= {0, 1, 2, 3}
+
+
+def test_two_views_differ_but_share_segment_ids():
+    torch.manual_seed(1)
+    image, seg = quadrant_image()
+    v1, s1, v2, s2 = PairedViews(crop=32, crop_scale=(0.1, 0.3), color_jitter=0.4)(image, seg)
+    assert not np.array_equal(s1, s2)  # different crops
+    assert set(np.unique(s1)) | set(np.unique(s2)) <= {0, 1, 2, 3}
+
+
+def _table(records: list[GroupingRecord], priors: list[str]) -> pa.Table:
+    return pa.Table.from_pylist([encode_record(r, "png") for r in records], schema=shard_schema(priors))
+
+
+def test_make_pairs_ucm_rows_pad_region_distances():
+    image, seg = quadrant_image()
+    dist = np.array([[0, 0.2, 0.6, 0.6], [0.2, 0, 0.6, 0.6], [0.6, 0.6, 0, 0.4], [0.6, 0.6, 0.4, 0]], np.float32)
+    record = GroupingRecord("a", "a.png", image, {"ucm": PriorOutput(regions=seg.astype(np.uint8), region_dist=dist)})
+    cfg = PretrainConfig(prior="ucm", crop=32, max_regions=8)
+    batch = MakePairs(cfg.model_dump(mode="json"))(_table([record, record], ["ucm"]))
+    assert batch["view1"].shape == (2, 3, 32, 32) and batch["view1"].dtype == np.uint8
+    assert batch["seg2"].shape == (2, 32, 32)
+    assert batch["dist"].shape == (2, 8, 8)
+    np.testing.assert_allclose(batch["dist"][0, :4, :4], dist)
+    assert (batch["dist"][0, 4:, :] == 1).all()
+
+
+def test_make_pairs_saliency_mask_is_foreground_and_rows_without_mask_are_skipped():
+    image, seg = quadrant_image()
+    fg = seg == 3
+    with_mask = GroupingRecord("a", "a.png", image, {"saliency": PriorOutput(masks=[Mask(fg, 0.9)])})
+    without = GroupingRecord("b", "b.png", image, {"saliency": PriorOutput(masks=[])})
+    cfg = PretrainConfig(prior="saliency", crop=64, crop_scale=(1.0, 1.0), color_jitter=0.0)
+    batch = MakePairs(cfg.model_dump(mode="json"))(_table([with_mask, without], ["saliency"]))
+    assert batch["seg1"].shape[0] == 1  # the image with no salient object is dropped
+    assert set(np.unique(batch["seg1"])) == {0, 1}
+    assert 0.15 < batch["seg1"].mean() < 0.35  # one quadrant is foreground
+
+
+def test_too_many_regions_is_a_clear_error():
+    image, seg = quadrant_image()
+    record = GroupingRecord("big", "big.png", image, {"ucm": PriorOutput(regions=seg.astype(np.uint8), region_dist=np.zeros((4, 4), np.float32))})
+    cfg = PretrainConfig(prior="ucm", crop=32, max_regions=2)
+    with pytest.raises(IngestError, match="big: 4 regions > pretrain.max_regions=2"):
+        MakePairs(cfg.model_dump(mode="json"))(_table([record], ["ucm"]))
+
+
+def test_missing_shards_and_missing_prior_are_named(tmp_path):
+    with pytest.raises(IngestError, match="no Parquet shards"):
+        shard_files(tmp_path)
+    image, seg = quadrant_image()
+    record = GroupingRecord("a", "a.png", image, {"slic": PriorOutput(regions=seg.astype(np.uint8))})
+    (tmp_path / "shards").mkdir()
+    pq.write_table(_table([record], ["slic"]), tmp_path / "shards" / "part-0.parquet")
+    files = shard_files(tmp_path)
+    assert len(files) == 1
+    with pytest.raises(IngestError, match="no column for prior 'ucm' \\(it has: slic\\)"):
+        check_prior(files, "ucm")

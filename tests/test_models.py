@@ -1,0 +1,64 @@
+"""The hypercolumn embedding network and backbones by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from distseg.config import ModelConfig, load_config, to_yaml
+from distseg.models import create_backbone, create_model, load_embedding_model
+
+
+@pytest.mark.parametrize("backbone, c3, c4", [("resnet18", 128, 256), ("resnet50", 512, 1024)])
+def test_torchvision_backbones_give_res3_res4(backbone, c3, c4):
+    net = create_backbone(backbone)
+    assert net.channels == (c3, c4)
+    res3, res4 = net(torch.zeros(1, 3, 64, 96))
+    assert res3.shape == (1, c3, 8, 12) and res4.shape == (1, c4, 4, 6)
+
+
+def test_timm_backbone_by_name():
+    net = create_backbone("timm:resnet10t")
+    res3, res4 = net(torch.zeros(1, 3, 64, 64))
+    assert res3.shape[-1] == 8 and res4.shape[-1] == 4
+    assert (res3.shape[1], res4.shape[1]) == net.channels
+
+
+def test_unknown_backbone_lists_known_names():
+    with pytest.raises(KeyError, match="resnet18"):
+        create_backbone("resnet7")
+
+
+def test_hypercolumn_shape_and_unit_norm():
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(backbone="resnet18", embed_dim=16, head_channels=32)).eval()
+    emb = model(torch.randn(2, 3, 96, 128))
+    assert emb.shape == (2, 16, 24, 32)  # 1/4 of the input
+    norms = emb.norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+    emb.sum().backward()
+    assert model.backbone.body.conv1.weight.grad is not None
+
+
+def test_backbone_weights_from_local_file(tmp_path):
+    reference = torchvision.models.resnet18(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "r18.pt")
+    net = create_backbone("resnet18", weights=str(tmp_path / "r18.pt"))
+    assert torch.equal(net.body.conv1.weight, reference.conv1.weight)
+    torch.save({"conv1.weight": reference.conv1.weight}, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match="partial.pt"):
+        create_backbone("resnet18", weights=str(tmp_path / "partial.pt"))
+
+
+def test_load_embedding_model_from_checkpoint_dir(tmp_path):
+    cfg = load_config("demo")
+    model = create_model(cfg.model)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    loaded, loaded_cfg = load_embedding_model(tmp_path)
+    assert loaded_cfg.model == cfg.model
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.allclose(loaded(x), model.eval()(x), atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="model.pt"):
+        load_embedding_model(tmp_path / "nowhere")

@@ -1,0 +1,119 @@
+"""Pretraining end to end on a real local Ray cluster: mine synthetic shards, train with 2 workers,
+resume by name, and survive a worker process killed mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distseg.cluster import shutdown_ray
+from distseg.config import load_config
+from distseg.models import load_embedding_model
+from distseg.train.loop import lr_at
+from distseg.config import PretrainConfig
+
+TINY = [
+    "data.num_images=16", "data.image_size=64", "mine.max_side=64", "hierarchy.max_regions=12",
+    "model.head_channels=16", "model.embed_dim=8", "pretrain.batch_size=2", "pretrain.crop=48",
+    "pretrain.num_workers=2", "pretrain.cpus_per_worker=1", "pretrain.log_every=1", "ray.num_cpus=3",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _ray_down():
+    yield
+    shutdown_ray()
+
+
+def tiny_config(workdir: Path, *extra: str):
+    return load_config("demo", [f"workdir={workdir}", "name=tiny", *TINY, *extra])
+
+
+def mlflow_metrics(cfg, run_id: str, key: str) -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    from distseg.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(cfg.workdir))
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_lr_schedules():
+    step = PretrainConfig(steps=100, lr=1.0, schedule="step", step_milestones=[0.5, 0.8], step_gamma=0.1)
+    assert [lr_at(s, step) for s in (0, 49, 50, 80, 99)] == pytest.approx([1, 1, 0.1, 0.01, 0.01])
+    poly = PretrainConfig(steps=100, lr=1.0, schedule="poly", poly_power=1.0)
+    assert lr_at(25, poly) == pytest.approx(0.75)
+    warm = PretrainConfig(steps=100, lr=1.0, schedule="constant", warmup_steps=10)
+    assert lr_at(0, warm) == pytest.approx(0.1) and lr_at(10, warm) == 1.0
+
+
+def test_mine_pretrain_two_workers_then_resume(tmp_path):
+    from distseg.train.pretrain import pretrain
+
+    cfg = tiny_config(tmp_path, "pretrain.steps=4", "pretrain.checkpoint_every=2")
+    first = pretrain(cfg)
+    assert json.loads((first.checkpoint / "meta.json").read_text())["step"] == 4
+    shards = Path(first.shards)
+    assert json.loads((shards / "_manifest.json").read_text())["rows"] == 16
+    state = torch.load(first.checkpoint / "model.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    model, loaded_cfg = load_embedding_model(first.checkpoint)
+    assert model(torch.zeros(1, 3, 48, 48)).shape == (1, 8, 12, 12)
+    loss_steps = [s for s, _ in mlflow_metrics(cfg, first.run_id, "loss")]
+    assert loss_steps == [1, 2, 3, 4]
+
+    # the same name with more steps resumes from step 4 (no step trained twice) in the same MLflow run
+    resumed = pretrain(tiny_config(tmp_path, "pretrain.steps=6", "pretrain.checkpoint_every=2", f"pretrain.data={shards}"))
+    assert resumed.run_id == first.run_id
+    assert json.loads((resumed.checkpoint / "meta.json").read_text())["step"] == 6
+    assert [s for s, _ in mlflow_metrics(cfg, first.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    for key in ("lr", "images_per_s"):
+        assert len(mlflow_metrics(cfg, first.run_id, key)) == 6
+
+
+def _train_worker_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"RayTrainWorker" in cmdline:
+                pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def test_killed_worker_resumes_from_checkpoint_and_finishes(tmp_path):
+    from distseg.train.pretrain import pretrain
+
+    steps = 24
+    cfg = tiny_config(tmp_path, f"pretrain.steps={steps}", "pretrain.checkpoint_every=4", "pretrain.max_failures=2")
+    storage = tmp_path / "ray_results" / "tiny"
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=pretrain(cfg)), daemon=True)
+    thread.start()
+    deadline, killed = time.time() + 240, None
+    while time.time() < deadline and thread.is_alive():
+        if list(storage.glob("checkpoint_*")) and len(_train_worker_pids()) >= 2:
+            killed = _train_worker_pids()[-1]
+            os.kill(killed, signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    assert killed is not None, "no checkpoint appeared while both workers were alive"
+    thread.join(timeout=300)
+    assert "result" in outcome, "pretraining did not finish after the worker was killed"
+    meta = json.loads((outcome["result"].checkpoint / "meta.json").read_text())
+    assert meta["step"] == steps
+    state = torch.load(outcome["result"].checkpoint / "model.pt", weights_only=True)
+    assert len(state) > 0
+    # the loss history shows the restart: steps after the last checkpoint before the kill were redone
+    steps_logged = [s for s, _ in mlflow_metrics(cfg, outcome["result"].run_id, "loss")]
+    assert max(steps_logged) == steps and set(steps_logged) == set(range(1, steps + 1))
