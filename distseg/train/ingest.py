@@ -95,9 +95,10 @@ class PairedViews:
 class MakePairs:
     """Ray Data `map_batches` callable: shard rows (pyarrow) -> a numpy batch of paired views."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, repeats: int = 1):
         self.cfg = PretrainConfig.model_validate(cfg)
         self.views = PairedViews(self.cfg.crop, self.cfg.crop_scale, self.cfg.color_jitter)
+        self.repeats = repeats
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
         cfg = self.cfg
@@ -112,12 +113,13 @@ class MakePairs:
                 raise IngestError(
                     f"image {row.get('image_id')}: {dist.shape[0]} regions > pretrain.max_regions={cfg.max_regions}"
                 )
-            a, sa, b, sb = self.views(decode_image(row["image"]), segments)
-            v1.append(a), s1.append(sa), v2_.append(b), s2.append(sb)
+            image = decode_image(row["image"])
             padded = np.ones((cfg.max_regions, cfg.max_regions), np.float32)
             if dist is not None:
                 padded[: dist.shape[0], : dist.shape[0]] = dist
-            dists.append(padded)
+            for _ in range(self.repeats):
+                a, sa, b, sb = self.views(image, segments)
+                v1.append(a), s1.append(sa), v2_.append(b), s2.append(sb), dists.append(padded)
         c = cfg.crop
         if not v1:
             empty = lambda shape, dt: np.zeros((0, *shape), dt)  # noqa: E731
@@ -127,19 +129,29 @@ class MakePairs:
         return {"view1": np.stack(v1), "seg1": np.stack(s1), "view2": np.stack(v2_), "seg2": np.stack(s2), "dist": np.stack(dists)}
 
 
-def make_pairs(table: pa.Table, cfg: dict) -> dict[str, np.ndarray]:
-    return MakePairs(cfg)(table)
+def make_pairs(table: pa.Table, cfg: dict, repeats: int = 1) -> dict[str, np.ndarray]:
+    return MakePairs(cfg, repeats)(table)
 
 
-def build_dataset(shards: str | Path, cfg: PretrainConfig, cpus_per_task: float = 0.5):
+def repeats_per_epoch(rows: int, cfg: PretrainConfig, world: int, min_steps: int = 100) -> int:
+    """Views drawn per image per pass over the shards, so a pass lasts at least `min_steps` steps.
+
+    Each pass restarts the streaming pipeline; on small sets (the demo's 32 images) that restart
+    would otherwise dominate the step time."""
+    wanted = min(min_steps, cfg.steps) * cfg.batch_size * world
+    return max(1, -(-wanted // max(rows, 1)))
+
+
+def build_dataset(shards: str | Path, cfg: PretrainConfig, repeats: int = 1, cpus_per_task: float = 0.5):
     """The Ray Dataset of paired views that training streams from (decode + augment run as tasks)."""
     import ray
 
     files = shard_files(shards)
     check_prior(files, cfg.prior)
     ds = ray.data.read_parquet(files, columns=["image_id", "height", "width", "image", cfg.prior])
-    return ds.map_batches(make_pairs, fn_kwargs={"cfg": cfg.model_dump(mode="json")}, batch_format="pyarrow",
-                          batch_size=16, num_cpus=cpus_per_task)  # fmt: skip
+    rows_per_task = max(1, 16 // repeats)  # about 16 views per output batch
+    return ds.map_batches(make_pairs, fn_kwargs={"cfg": cfg.model_dump(mode="json"), "repeats": repeats},
+                          batch_format="pyarrow", batch_size=rows_per_task, num_cpus=cpus_per_task)  # fmt: skip
 
 
 def count_rows(shards: str | Path) -> int:

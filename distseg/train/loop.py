@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import resource
 import tempfile
 import time
 from collections import defaultdict
@@ -213,7 +214,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             continue
         elapsed = time.perf_counter() - t_last
         metrics = {k: v / count for k, v in sums.items()}
-        metrics.update(step=step, epoch=epoch, lr=lr, images_per_s=count * pcfg.batch_size * world / max(elapsed, 1e-9))
+        metrics.update(step=step, epoch=epoch, lr=lr, images_per_s=count * pcfg.batch_size * world / max(elapsed, 1e-9),
+                       peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # fmt: skip
         if not all(np.isfinite(v) for v in metrics.values()):
             raise FloatingPointError(f"non-finite loss at step {step}: {metrics}")
         sums.clear()

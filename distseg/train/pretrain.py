@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distseg.config import Config
-from distseg.train.ingest import build_dataset, count_rows
+from distseg.train.ingest import build_dataset, count_rows, repeats_per_epoch
 from distseg.train.loop import train_loop_per_worker
 
 
@@ -56,6 +56,7 @@ def _run_id_file(storage: Path, name: str) -> Path:
 
 def pretrain(cfg: Config, memory_batches: int = 8) -> PretrainResult:
     """Train `cfg.pretrain.method` on the shards in `cfg.pretrain.data` (resumes a run of the same name)."""
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -75,7 +76,10 @@ def pretrain(cfg: Config, memory_batches: int = 8) -> PretrainResult:
     cfg = cfg.model_copy(deep=True)
     cfg.pretrain.data = shards
     rows = count_rows(shards)
-    dataset = build_dataset(shards, cfg.pretrain)
+    repeats = repeats_per_epoch(rows, cfg.pretrain, pcfg.num_workers)
+    context = ray.data.DataContext.get_current()
+    progress, context.enable_progress_bars = context.enable_progress_bars, False  # per-step bars would flood the log
+    dataset = build_dataset(shards, cfg.pretrain, repeats)
 
     storage = workdir / "ray_results"
     id_file = _run_id_file(storage, cfg.name)
@@ -105,7 +109,10 @@ def pretrain(cfg: Config, memory_batches: int = 8) -> PretrainResult:
             ),
             datasets={"train": dataset},
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        finally:
+            context.enable_progress_bars = progress
         if result.checkpoint is None:
             raise RuntimeError(f"pretraining run {cfg.name} ended without a checkpoint")
         final = workdir / "checkpoints" / cfg.name
