@@ -91,6 +91,7 @@ def _train_worker_pids() -> list[int]:
     return sorted(pids)
 
 
+@pytest.mark.slow  # a worker-group restart takes minutes on 2 loaded cores; `make test-slow` runs it
 def test_killed_worker_resumes_from_checkpoint_and_finishes(tmp_path):
     from distseg.train.pretrain import pretrain
 

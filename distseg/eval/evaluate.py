@@ -196,10 +196,9 @@ def concept_dictionary(checkpoint: str) -> np.ndarray:
     if not path.is_file():
         raise EvaluationError(f"purity needs {path} (a checkpoint trained with the concepts loss)")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    candidates = [v for k, v in state.items() if v.ndim == 2 and "bank" not in k]
-    if not candidates:
+    if "dictionary" not in state:
         raise EvaluationError(f"{path} holds no concept dictionary (was the checkpoint trained with pretrain.method=concepts?)")
-    d = candidates[0].float()
+    d = state["dictionary"].float()
     return torch.nn.functional.normalize(d, dim=1).numpy()
 
 

@@ -1,0 +1,104 @@
+"""`distseg evaluate` end to end: checkpoint + baselines, several protocols and seeds, MLflow runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from distseg.cli import app
+from distseg.config import load_config, to_yaml
+from distseg.losses import create_loss
+from distseg.models import create_model
+from distseg.tracking import start_run, tracking_uri
+
+SMALL = ["data.num_images=4", "data.image_size=48", "model.head_channels=8", "model.embed_dim=8", "evaluate.image_size=null"]
+
+
+def make_checkpoint(folder: Path, workdir: Path, method: str = "hiergroup") -> tuple[Path, str]:
+    """A checkpoint folder as `pretrain` writes it, with a real pretraining run as MLflow parent."""
+    cfg = load_config("demo", [f"workdir={workdir}", *SMALL, f"pretrain.method={method}"])
+    with start_run(cfg, run_name="pretrain") as tracker:
+        run_id = tracker.run_id
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(create_model(cfg.model).state_dict(), folder / "model.pt")
+    (folder / "config.yaml").write_text(to_yaml(cfg))
+    (folder / "meta.json").write_text(json.dumps({"step": 1, "mlflow_run_id": run_id}))
+    if method == "concepts":
+        loss = create_loss("concepts", dim=cfg.model.embed_dim, num_concepts=6)
+        torch.save(loss.state_dict(), folder / "loss.pt")
+    return folder, run_id
+
+
+def test_evaluate_checkpoint_and_baseline_with_seeds(tmp_path):
+    ckpt, parent = make_checkpoint(tmp_path / "ckpt", tmp_path)
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(app, [
+        "evaluate", "--checkpoint", str(ckpt), "--data", "synthetic", "--protocols", "kmeans,knn,retrieval,linear",
+        "--seeds", "2", "--baseline", "rgbxy", "--out", str(out), "evaluate.protocol_args={linear: {epochs: 3}}",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = [line.split("\r")[-1].strip() for line in result.output.strip().splitlines()]  # drop progress bars
+    assert lines[-1] == f"wrote {out}/metrics.json"
+    assert [line.split(":")[0] for line in lines[-5:-1]] == ["kmeans", "knn", "retrieval", "linear"]
+    assert "checkpoint" in lines[-5] and "rgbxy" in lines[-5] and "+-" in lines[-5]
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["sources"]) == {"checkpoint", "rgbxy"}
+    for source in ("checkpoint", "rgbxy"):
+        m = metrics["sources"][source]["metrics"]
+        for protocol in ("kmeans", "knn", "retrieval", "linear"):
+            entry = m[f"{protocol}/miou"]
+            assert len(entry["values"]) == 2 and 0 <= entry["mean"] <= 1 and entry["std"] >= 0
+    assert (out / "pca_checkpoint.png").is_file()
+
+    client = MlflowClient(tracking_uri(tmp_path))
+    runs = client.search_runs([client.get_experiment_by_name("distseg-demo").experiment_id])
+    evals = {r.info.run_name: r for r in runs if r.data.tags.get("stage") == "evaluate"}
+    assert set(evals) == {f"eval-{p}-{s}" for p in ("kmeans", "knn", "retrieval", "linear") for s in ("checkpoint", "rgbxy")}
+    kmeans = evals["eval-kmeans-checkpoint"]
+    assert kmeans.data.tags["mlflow.parentRunId"] == parent
+    assert {"kmeans/miou", "kmeans/pixel_acc", "kmeans/miou_std"} <= set(kmeans.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(kmeans.info.run_id)}
+    assert {"kmeans_per_class_iou.json", "kmeans_confusion.png", "kmeans_examples.png", "embedding_pca.png"} <= artifacts
+
+
+def test_purity_needs_a_concepts_checkpoint(tmp_path):
+    ckpt, _ = make_checkpoint(tmp_path / "ckpt", tmp_path, method="concepts")
+    cfg = load_config(str(ckpt / "config.yaml"), ["evaluate.protocols=[purity]", "evaluate.num_examples=0"])
+    from distseg.eval.evaluate import EvaluationError, evaluate
+
+    result = evaluate(cfg, str(ckpt), tmp_path / "eval")
+    purity = result["sources"]["checkpoint"]["metrics"]["purity/purity"]["mean"]
+    assert 0 < purity <= 1
+    (ckpt / "loss.pt").unlink()
+    with pytest.raises(EvaluationError, match="loss.pt"):
+        evaluate(cfg, str(ckpt), tmp_path / "eval2")
+
+
+def test_bad_requests_are_named(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["evaluate", "--checkpoint", str(tmp_path / "none"), "--data", "synthetic"])
+    assert result.exit_code == 1 and "no model.pt" in result.output
+    result = runner.invoke(app, ["evaluate", "--baseline", "rgbxy", "--protocols", "kmeans,bogus", f"workdir={tmp_path}"])
+    assert result.exit_code == 1 and "bogus" in result.output
+    result = runner.invoke(app, ["evaluate", "--baseline", "rgbxy", "--data", "bsds", f"workdir={tmp_path}"])
+    assert result.exit_code == 1 and "edges eval" in result.output
+
+
+def test_davis_protocol_on_real_frames(tmp_path, davis_root):
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(app, [
+        "evaluate", "--baseline", "rgbxy", "--data", "davis", "--protocols", "davis", "--out", str(out),
+        f"workdir={tmp_path}", f"evaluate.root={davis_root}", "evaluate.davis_max_frames=4", "evaluate.image_size=160",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-2].split("\r")[-1].strip().startswith("davis: JF_mean rgbxy ")
+    m = json.loads((out / "metrics.json").read_text())["sources"]["rgbxy"]["metrics"]
+    assert m["davis/num_sequences"]["mean"] == 4
+    assert 0 < m["davis/JF_mean"]["mean"] <= 1
