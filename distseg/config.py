@@ -105,6 +105,8 @@ class MineConfig(Section):
     num_actors: int | None = Field(None, ge=1, description="actor pool size (default: the cluster's CPUs)")
     rows_per_shard: int = Field(256, ge=1, description="images per Parquet shard (at least; the last may be smaller)")
     retry_errors: bool = Field(False, description="on a rerun, retry images in the errors table")
+    max_restarts: int = Field(10, ge=0, description="restarts of a worker whose process dies (native crash); bounded")
+    crash_limit: int = Field(2, ge=1, description="an image that killed its worker this many times goes to the errors table")
     extensions: list[str] = Field(
         ["jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff"], min_length=1, description="image file extensions"
     )

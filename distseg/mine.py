@@ -7,16 +7,28 @@ Exactly once and resumable: each write task writes one shard (and its errors) to
 renames it into place, so a killed job leaves only whole shards; a rerun lists the image ids already in
 shards/ (and errors/) and mines only the rest. Bad inputs become rows of the errors table with the
 stage and reason, never a crash (unless fail_fast).
+
+Native crashes (a segfault or abort in OpenCV or higra, the kernel's OOM killer) kill the actor
+process, which Ray restarts a bounded number of times (`mine.max_restarts`). A `MineMonitor` actor
+counts, per image, the attempts that began and never finished: an image that has killed its worker
+`mine.crash_limit` times is not run again but becomes an errors row with stage `worker_crash`. If a
+worker's restart budget runs out anyway, the job stops with a MiningError naming the images in
+flight; the shards written so far stay, and a rerun resumes. The same monitor gives the progress
+line (images/s) and the per-worker numbers in MineSummary.workers (peak RSS, busy seconds).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import os
+import resource
+import sys
+import threading
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -36,8 +48,64 @@ ERROR_SCHEMA = pa.schema(
 )
 
 
+CRASH_LIMIT = 2  # default of mine.crash_limit (Ray Data's default restarts, -1, would loop on a crash forever)
+MAX_BLOCKS = 10_000  # input blocks of the mining dataset (tasks; a crash retries one whole task)
+PROGRESS_LOG_SECONDS = 10.0  # interval of the images/s progress line
+
+
 class MiningError(RuntimeError):
     """Raised with --fail-fast: names the image, the stage and the reason."""
+
+
+class MineMonitor:
+    """One per mine() run, 0 CPUs: the workers report each image's start and end to it.
+
+    An image that began and never ended was running when its worker process died: `begin` returns
+    how many times that already happened, so the worker can give up on an image that keeps crashing
+    it. It also counts finished images (for the progress line; an image redone after a crash counts
+    again) and keeps the latest statistics of every worker process.
+    """
+
+    def __init__(self, total: int):
+        self.total = total
+        self.attempts: dict[str, int] = {}  # image_id -> attempts begun and not (yet) finished
+        self.owner: dict[str, str] = {}  # image_id -> uri, while in flight
+        self.finished = self.errors = self.crashed = 0
+        self.first_begin: float | None = None
+        self.last_end: float | None = None
+        self.workers: dict[str, dict] = {}
+
+    def begin(self, image_id: str, uri: str) -> int:
+        crashes = self.attempts.get(image_id, 0)
+        self.attempts[image_id] = crashes + 1
+        self.owner[image_id] = uri
+        if self.first_begin is None:
+            self.first_begin = time.time()
+        return crashes
+
+    def end(self, image_ids: list[str], errors: int, crashed: int, stats: dict) -> None:
+        for image_id in image_ids:
+            self.attempts.pop(image_id, None)
+            self.owner.pop(image_id, None)
+        self.finished += len(image_ids)
+        self.errors += errors
+        self.crashed += crashed
+        self.last_end = time.time()
+        self.workers[stats["worker"]] = stats
+
+    def progress(self) -> dict:
+        return {"total": self.total, "finished": self.finished, "errors": self.errors, "crashed": self.crashed,
+                "first_begin": self.first_begin, "last_end": self.last_end}
+
+    def report(self) -> dict:
+        in_flight = {i: (self.owner[i], n) for i, n in self.attempts.items() if i in self.owner}
+        return {**self.progress(), "workers": list(self.workers.values()), "in_flight": in_flight}
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def resolve_uri(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -102,21 +170,38 @@ def resize_max_side(image: np.ndarray, max_side: int | None) -> np.ndarray:
 
 
 class MineWorker:
-    """One per actor: builds the priors once, then mines batches of {image_id, uri}."""
+    """One per actor: builds the priors once, then mines batches of {image_id, uri}.
 
-    def __init__(self, cfg: dict, fail_fast: bool = False):
-        import torch
+    With a `monitor` (a MineMonitor actor handle) each image's start is registered before it runs,
+    so an image that crashes the process is known when the restarted actor meets it again."""
 
+    def __init__(self, cfg: dict, fail_fast: bool = False, monitor=None, crash_limit: int = CRASH_LIMIT):
+        t0 = time.perf_counter()
         from distseg.config import build_config
         from distseg.grouping.priors import create_prior
 
-        torch.set_num_threads(1)
+        cv2.setNumThreads(1)  # one core per actor (num_cpus=1): workers never oversubscribe the node
         self.cfg = build_config(cfg)
         self.fail_fast = fail_fast
+        self.monitor = monitor
+        self.crash_limit = crash_limit
         self.priors = {name: create_prior(name, self.cfg) for name in self.cfg.mine.priors}
+        if "torch" in sys.modules:  # a prior runs a network (learned edges): one thread too
+            sys.modules["torch"].set_num_threads(1)
         self.schema = shard_schema(self.cfg.mine.priors, cfg)
         self.columns = self.schema.append(pa.field("error_stage", pa.string()))
         self.columns = self.columns.append(pa.field("error_type", pa.string())).append(pa.field("error_message", pa.string()))
+        self.stats = {
+            "worker": f"{os.uname().nodename}:{os.getpid()}",
+            "pid": os.getpid(),
+            "init_seconds": time.perf_counter() - t0,
+            "images": 0,
+            "errors": 0,
+            "busy_seconds": 0.0,
+            "first_begin": None,  # wall clock (time.time) of this process's first image, and of its last end
+            "last_end": None,
+            "peak_rss_bytes": peak_rss_bytes(),
+        }
 
     def mine_one(self, image_id: str, uri: str) -> dict:
         from distseg.data.imageio import decode_image
@@ -142,8 +227,38 @@ class MineWorker:
             message = str(e) or traceback.format_exc(limit=1)
             return {"image_id": image_id, "uri": uri, "error_stage": stage, "error_type": type(e).__name__, "error_message": message[:2000]}
 
+    def crash_row(self, image_id: str, uri: str, crashes: int) -> dict:
+        message = (
+            f"{uri}: the mining worker process died {crashes} times while processing this image "
+            "(a crash in native code such as OpenCV or higra, or out of memory); not retried"
+        )
+        if self.fail_fast:
+            raise MiningError(f"{uri}: worker_crash: {message}")
+        return {"image_id": image_id, "uri": uri, "error_stage": "worker_crash", "error_type": "WorkerCrash", "error_message": message}
+
     def __call__(self, batch: dict) -> pa.Table:
-        rows = [self.mine_one(str(i), str(u)) for i, u in zip(batch["image_id"], batch["uri"])]
+        import ray
+
+        rows, crashed = [], 0
+        t0 = time.perf_counter()
+        if self.stats["first_begin"] is None:
+            self.stats["first_begin"] = time.time()
+        for image_id, uri in zip(batch["image_id"], batch["uri"]):
+            image_id, uri = str(image_id), str(uri)
+            crashes = ray.get(self.monitor.begin.remote(image_id, uri)) if self.monitor is not None else 0
+            if crashes >= self.crash_limit:
+                rows.append(self.crash_row(image_id, uri, crashes))
+                crashed += 1
+            else:
+                rows.append(self.mine_one(image_id, uri))
+        errors = sum(r["error_stage"] is not None for r in rows)
+        self.stats["images"] += len(rows)
+        self.stats["errors"] += errors
+        self.stats["busy_seconds"] += time.perf_counter() - t0
+        self.stats["last_end"] = time.time()
+        self.stats["peak_rss_bytes"] = peak_rss_bytes()
+        if self.monitor is not None:  # fire and forget: calls from one worker arrive in order
+            self.monitor.end.remote([r["image_id"] for r in rows], errors, crashed, dict(self.stats))
         return pa.Table.from_pylist(rows, schema=self.columns)
 
 
@@ -218,6 +333,9 @@ class MineSummary:
     skipped: int  # images already present before this run
     seconds: float
     output: str
+    crashed: int = 0  # images of this run recorded as `worker_crash` errors
+    processing_seconds: float | None = None  # first image started -> last image finished (no Ray/actor start-up)
+    workers: list[dict] = field(default_factory=list)  # per worker process: pid, images, busy_seconds, peak_rss_bytes, ...
 
 
 def write_manifest(cfg: Config, input_uri: str, output_uri: str, inputs: dict[str, str]) -> dict:
@@ -253,8 +371,87 @@ def write_manifest(cfg: Config, input_uri: str, output_uri: str, inputs: dict[st
     return manifest
 
 
-def mine(cfg: Config, input_uri: str, output_uri: str, fail_fast: bool = False) -> MineSummary:
-    """Mine every image under input_uri into grouping shards under output_uri (resumable)."""
+def plan_batches(num_images: int, num_actors: int, batch_size: int) -> tuple[int, int]:
+    """(images per actor call, input blocks): at most batch_size, and small enough that a small job still
+    gives every actor about 4 calls (so the pool stays balanced); one block per call, up to MAX_BLOCKS."""
+    per_call = max(1, min(batch_size, num_images // (4 * num_actors)))
+    blocks = max(1, min(-(-num_images // per_call), MAX_BLOCKS))
+    return per_call, blocks
+
+
+class _ProgressLine:
+    """While mining, a line on stderr every `interval` seconds: images done, images/s, errors, ETA.
+
+    Ray Data's progress shows no rate in its non-terminal log (ray job logs, CI, a pipe), and on a
+    terminal its operator bar's long description pushes the rows/s past the line's end, so this line
+    is printed in both cases (Ray's driver print keeps its bars intact). Rates count from the first
+    image started, so Ray and actor start-up do not dilute them."""
+
+    def __init__(self, monitor, interval: float = PROGRESS_LOG_SECONDS):
+        self.monitor = monitor
+        self.interval = interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="distseg-mine-progress", daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+    def _run(self) -> None:
+        import ray
+
+        while not self.stop.wait(self.interval):
+            try:
+                p = ray.get(self.monitor.progress.remote(), timeout=self.interval)
+            except Exception:  # a slow or restarting cluster: skip this tick
+                continue
+            print(format_progress(p, time.time()), file=sys.stderr, flush=True)
+
+
+def format_progress(p: dict, now: float) -> str:
+    done, total = p["finished"], p["total"]
+    line = f"mine: {done}/{total} images"
+    if p["first_begin"] is not None and done:
+        elapsed = max(1e-9, (p["last_end"] or now) - p["first_begin"])
+        rate = done / elapsed
+        eta = (total - done) / rate if rate > 0 else float("inf")
+        line += f", {rate:.2f} images/s, ETA {eta:.0f} s"
+    line += f", {p['errors']} errors"
+    return line + (f" ({p['crashed']} worker crashes)" if p["crashed"] else "")
+
+
+def _is_actor_death(error: BaseException) -> bool:
+    from ray.exceptions import RayActorError
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, RayActorError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def mine(
+    cfg: Config,
+    input_uri: str,
+    output_uri: str,
+    fail_fast: bool = False,
+    progress: bool = True,
+    max_restarts: int | None = None,
+    crash_limit: int | None = None,
+) -> MineSummary:
+    """Mine every image under input_uri into grouping shards under output_uri (resumable).
+
+    progress: Ray Data's progress bars (or its progress log when not on a terminal) and a line with
+    images/s every PROGRESS_LOG_SECONDS; False shows neither (tests).
+    max_restarts: restarts of a worker actor after its process dies (bounded: never a crash loop).
+    crash_limit: an image that killed its worker this many times is recorded in the errors table
+    (stage `worker_crash`) instead of being run again."""
     import ray
 
     from distseg.cluster import init_ray
@@ -266,6 +463,10 @@ def mine(cfg: Config, input_uri: str, output_uri: str, fail_fast: bool = False) 
     unknown = [p for p in cfg.mine.priors if p not in PRIORS]
     if unknown:
         raise ValueError(f"mine.priors: unknown prior(s) {unknown} (known: {', '.join(sorted(PRIORS))})")
+    max_restarts = cfg.mine.max_restarts if max_restarts is None else max_restarts
+    crash_limit = cfg.mine.crash_limit if crash_limit is None else crash_limit
+    if max_restarts < 0 or crash_limit < 1:
+        raise ValueError(f"max_restarts must be >= 0 and crash_limit >= 1, got {max_restarts} and {crash_limit}")
     t0 = time.perf_counter()
     if "://" not in output_uri:
         output_uri = str(Path(output_uri).resolve())
@@ -281,30 +482,54 @@ def mine(cfg: Config, input_uri: str, output_uri: str, fail_fast: bool = False) 
     todo = [{"image_id": i, "uri": u} for i, u in inputs.items() if i not in done]
 
     cfg_dict = cfg.model_dump(mode="json")
+    report: dict = {}
     if todo:
         init_ray(cfg.ray)
+        context = ray.data.DataContext.get_current()
+        progress_bars, context.enable_progress_bars = context.enable_progress_bars, progress
         num_actors = cfg.mine.num_actors or max(1, int(ray.available_resources().get("CPU", 1)))
-        blocks = max(1, min(len(todo), num_actors * 4, -(-len(todo) // cfg.mine.batch_size)))
+        per_call, blocks = plan_batches(len(todo), num_actors, cfg.mine.batch_size)
+        monitor = ray.remote(num_cpus=0, max_restarts=0)(MineMonitor).remote(len(todo))
         ds = ray.data.from_items(todo, override_num_blocks=blocks)
         ds = ds.map_batches(
             MineWorker,
-            fn_constructor_kwargs={"cfg": cfg_dict, "fail_fast": fail_fast},
-            batch_size=cfg.mine.batch_size,
+            fn_constructor_kwargs={"cfg": cfg_dict, "fail_fast": fail_fast, "monitor": monitor, "crash_limit": crash_limit},
+            batch_size=per_call,
             compute=ray.data.ActorPoolStrategy(size=num_actors),
             num_cpus=1,
             batch_format="numpy",
+            # bounded fault tolerance (Ray Data's default is -1: a worker that segfaults restarts forever)
+            max_restarts=max_restarts,
+            max_task_retries=max_restarts,
         )
         sink = ShardSink(output_uri, shard_schema(cfg.mine.priors, cfg_dict), cfg.mine.rows_per_shard)
+        # The writer reserves no CPU: with one actor per CPU (the default pool) a 1-CPU write task could
+        # not start before the pool ends, so every shard (and a killed job's work) would wait till then.
+        write = lambda: ds.write_datasink(sink.as_datasink(), ray_remote_args={"num_cpus": 0})  # noqa: E731
         try:
-            ds.write_datasink(sink.as_datasink())
+            if progress:
+                with _ProgressLine(monitor):
+                    write()
+            else:
+                write()
         except Exception as e:
+            text = str(e)
+            if _is_actor_death(e) or "ActorDiedError" in text or "RayActorError" in text:
+                raise MiningError(_crash_message(monitor, max_restarts, output_uri)) from e
             if not fail_fast:
                 raise
             # Ray wraps the worker's MiningError; surface its message (file, stage, reason) alone
-            text = str(e)
             reason = text[text.rfind("MiningError: ") + len("MiningError: ") :] if "MiningError: " in text else text
             raise MiningError(reason.strip().splitlines()[0]) from None
+        finally:
+            try:
+                report = ray.get(monitor.report.remote(), timeout=30)
+            except Exception:
+                report = {}
+            ray.kill(monitor)
+            context.enable_progress_bars = progress_bars
     manifest = write_manifest(cfg, input_uri, output_uri, inputs)
+    first, last = report.get("first_begin"), report.get("last_end")
     return MineSummary(
         mined=manifest["rows"],
         errors=manifest["errors"],
@@ -312,4 +537,26 @@ def mine(cfg: Config, input_uri: str, output_uri: str, fail_fast: bool = False) 
         skipped=len(inputs) - len(todo),
         seconds=time.perf_counter() - t0,
         output=output_uri,
+        crashed=report.get("crashed", 0),
+        processing_seconds=(last - first) if first is not None and last is not None else None,
+        workers=sorted(report.get("workers", []), key=lambda w: w["pid"]),
+    )
+
+
+def _crash_message(monitor, max_restarts: int, output_uri: str) -> str:
+    import ray
+
+    try:
+        in_flight = ray.get(monitor.report.remote(), timeout=30)["in_flight"]
+    except Exception:
+        in_flight = {}
+    # most attempts first: an image tried more than once is the likely culprit
+    ranked = sorted(in_flight.values(), key=lambda item: (-item[1], item[0]))
+    names = [f"{uri} ({attempts} attempts)" if attempts > 1 else uri for uri, attempts in ranked]
+    named = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    return (
+        f"a mining worker process died more than its {max_restarts} restarts allow "
+        f"(crashes in native code such as OpenCV or higra, or out of memory); "
+        f"images in flight when the workers died: {named or 'unknown'}. "
+        f"The shards written so far are kept in {output_uri}: rerun the same command to resume."
     )

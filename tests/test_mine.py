@@ -1,4 +1,5 @@
-"""Mining on a real local Ray cluster: bad inputs, exactly-once resume after SIGKILL, the manifest."""
+"""Mining on a real local Ray cluster: bad inputs, exactly-once resume after SIGKILL, the manifest,
+bounded restarts of workers that crash in native code."""
 
 import json
 import os
@@ -19,11 +20,38 @@ from distseg.mine import MiningError, mine
 from distseg.shards import decode_record
 
 PRIORS = "mine.priors=[ucm,felzenszwalb,slic,saliency]"
+CRASH_SHAPE = (23, 17)  # the test-only `crash_test` prior segfaults its process on an image of this size
+
+
+def crash_prior_hook():
+    """A setup hook registering the test-only `crash_test` prior (a nested function, so Ray pickles it by
+    value and every worker process can run it, although the tests folder is not importable there)."""
+
+    def register():
+        import ctypes
+
+        import numpy as np
+
+        from distseg.grouping.priors import PRIORS, PriorOutput
+
+        def crash_test(cfg):
+            def prior(image):
+                if image.shape[:2] == (23, 17):  # CRASH_SHAPE
+                    ctypes.string_at(0)  # reads address 0: a real segfault, as in a crash in OpenCV or higra
+                return PriorOutput(regions=np.zeros(image.shape[:2], np.uint8))
+
+            return prior
+
+        PRIORS["crash_test"] = crash_test
+
+    return register
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    hook = crash_prior_hook()
+    hook()  # the driver validates prior names too
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", runtime_env={"worker_process_setup_hook": hook})
     yield
     ray.shutdown()
 
@@ -89,8 +117,11 @@ def test_bad_inputs_are_processed_or_recorded(tmp_path, local_ray):
     ok, bad = make_corpus(tmp_path / "in")
     out = tmp_path / "out"
     cfg = load_config("demo", [PRIORS, "edges.detector=gradient", "mine.max_side=96", "mine.rows_per_shard=4"])
-    summary = mine(cfg, str(tmp_path / "in"), str(out))
+    summary = mine(cfg, str(tmp_path / "in"), str(out), progress=False)
     assert (summary.mined, summary.errors, summary.new) == (len(ok), len(bad), len(ok) + len(bad))
+    assert summary.crashed == 0 and summary.processing_seconds > 0
+    assert sum(w["images"] for w in summary.workers) == len(ok) + len(bad)
+    assert all(w["peak_rss_bytes"] > 10 * 2**20 and w["busy_seconds"] > 0 for w in summary.workers)
 
     rows = {r["image_id"]: r for r in read_rows(out)}
     assert set(rows) == set(ok)
@@ -113,12 +144,12 @@ def test_bad_inputs_are_processed_or_recorded(tmp_path, local_ray):
     assert manifest["errors"] == len(bad) and manifest["num_inputs"] == len(ok) + len(bad)
     assert manifest["priors"] == ["ucm", "felzenszwalb", "slic", "saliency"]
 
-    again = mine(cfg, str(tmp_path / "in"), str(out))  # nothing left to do: no duplicates
+    again = mine(cfg, str(tmp_path / "in"), str(out), progress=False)  # nothing left to do: no duplicates
     assert (again.new, again.skipped, again.mined, again.errors) == (0, len(ok) + len(bad), len(ok), len(bad))
     assert len(read_rows(out)) == len(ok)
 
     with pytest.raises(MiningError, match=r"corrupt\.png.*decode"):
-        mine(cfg.model_copy(update={"mine": cfg.mine.model_copy(update={"retry_errors": True})}), str(tmp_path / "in"), str(tmp_path / "ff"), fail_fast=True)
+        mine(cfg.model_copy(update={"mine": cfg.mine.model_copy(update={"retry_errors": True})}), str(tmp_path / "in"), str(tmp_path / "ff"), fail_fast=True, progress=False)
 
 
 def test_sigkill_midway_then_resume_gives_exactly_one_row_per_image(tmp_path):
@@ -148,3 +179,30 @@ def test_sigkill_midway_then_resume_gives_exactly_one_row_per_image(tmp_path):
     assert sorted(ids) == sorted(f"img{i:03d}" for i in range(n))  # none missing, none duplicated
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["rows"] == n
+
+
+def crash_corpus(folder):
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(scene(i, 32)).save(folder / f"ok{i}.png")
+    Image.fromarray(scene(9, 32)[: CRASH_SHAPE[0], : CRASH_SHAPE[1]]).save(folder / "crash.png")
+    return load_config("demo", ["mine.priors=[crash_test]", "mine.num_actors=1", "mine.batch_size=1"])
+
+
+def test_image_that_crashes_its_worker_repeatedly_becomes_an_error_row(tmp_path, local_ray):
+    cfg = crash_corpus(tmp_path / "in")
+    out = tmp_path / "out"
+    # the image segfaults its worker twice (the restarted actor retries it once), then is given up on
+    summary = mine(cfg, str(tmp_path / "in"), str(out), progress=False, max_restarts=3, crash_limit=2)
+    assert (summary.mined, summary.errors, summary.crashed) == (4, 1, 1)
+    assert sorted(r["image_id"] for r in read_rows(out)) == ["ok0", "ok1", "ok2", "ok3"]
+    error = read_errors(out)["crash"]
+    assert (error["stage"], error["error_type"]) == ("worker_crash", "WorkerCrash")
+    assert error["uri"] in error["message"] and "died 2 times" in error["message"]
+
+
+def test_worker_restarts_are_bounded_and_the_failure_names_the_image(tmp_path, local_ray):
+    cfg = crash_corpus(tmp_path / "in")
+    # a restart budget smaller than the crashes an image may cause: the job stops instead of looping
+    with pytest.raises(MiningError, match=r"its 1 restarts allow.*crash\.png \(2 attempts\).*rerun"):
+        mine(cfg, str(tmp_path / "in"), str(tmp_path / "out"), progress=False, max_restarts=1, crash_limit=5)
