@@ -198,6 +198,9 @@ class EvaluateConfig(Section):
     num_examples: int = Field(4, ge=0, description="example pictures (PCA, segmentations) logged per source")
     protocol_args: dict[str, dict] = Field({}, description="extra keyword arguments per protocol, e.g. {linear: {head: aspp}}")
     davis_max_frames: int | None = Field(None, ge=2, description="davis: only the first N frames of each sequence")
+    davis_image_size: int | None = Field(
+        480, ge=16, description="davis: longer side of the frames before extracting features (null: native 854)"
+    )
 
 
 class TrackingConfig(Section):

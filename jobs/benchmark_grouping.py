@@ -3,6 +3,7 @@ for the edges alone and for their OWT-UCM, the seconds per image per core of eac
 official gPb-owt-ucm numbers beside them.
 
     python jobs/benchmark_grouping.py --data ../shared/data/bsds500 --split test --detectors learned,gradient
+    python jobs/benchmark_grouping.py --detectors learned,learned@0.5+1+1.5   # single- vs multi-scale
     ray job submit --working-dir . -- python jobs/benchmark_grouping.py ...
 """
 
@@ -31,7 +32,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/data/bsds500"), help="BSDS500 root")
     parser.add_argument("--split", default="test", help="BSDS split (the official numbers are on test)")
-    parser.add_argument("--detectors", default="learned,gradient", help="comma-separated edge detectors")
+    parser.add_argument("--detectors", default="learned,gradient",
+                        help="comma-separated edge detectors; NAME@S1+S2+... runs NAME at those image scales")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
     parser.add_argument("--thresholds", type=int, default=99, help="benchmark thresholds (official: 99)")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmark_grouping"), help="output folder")
@@ -39,9 +41,13 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = []
-    for name in args.detectors.split(","):
-        cfg = load_config("edges", [f"edges.detector={name}", *args.overrides])
-        m = evaluate_grouping(cfg, args.data, args.split, args.out / name, args.limit, args.thresholds)
+    for spec in args.detectors.split(","):
+        detector, _, scales = spec.partition("@")
+        scale_override = [f"edges.scales=[{scales.replace('+', ',')}]"] if scales else []
+        cfg = load_config("edges", [f"edges.detector={detector}", *args.overrides, *scale_override])
+        name = detector if not scales else f"{detector} x{scales.replace('+', ',')}"
+        folder = args.out / spec.replace("@", "_at_").replace("+", "_")
+        m = evaluate_grouping(cfg, args.data, args.split, folder, args.limit, args.thresholds)
         edge_s, hier_s = m["edge_seconds_per_image"], m["hierarchy_seconds_per_image"]
         rows.append((f"{name} edges", m["edges"]["ods_f"], m["edges"]["ois_f"], m["edges"]["ap"], None, edge_s, None))
         rows.append((f"{name} + UCM", m["ucm"]["ods_f"], m["ucm"]["ois_f"], m["ucm"]["ap"], m["ucm"]["covering_ods"], edge_s, hier_s))
@@ -52,9 +58,9 @@ def main() -> None:
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     n = args.limit or "all"
     print(f"\nBSDS500 {args.split} ({n} images), {args.thresholds} thresholds; seconds are per image per core")
-    print(f"{'method':<26} {'ODS':>6} {'OIS':>6} {'AP':>6} {'cover':>6} {'edge s':>7} {'ucm s':>7}")
+    print(f"{'method':<30} {'ODS':>6} {'OIS':>6} {'AP':>6} {'cover':>6} {'edge s':>7} {'ucm s':>7}")
     for row in rows:
-        print(f"{row[0]:<26} " + " ".join(f"{fmt(v):>6}" for v in row[1:5]) + f" {fmt(row[5]):>7} {fmt(row[6]):>7}")
+        print(f"{row[0]:<30} " + " ".join(f"{fmt(v):>6}" for v in row[1:5]) + f" {fmt(row[5]):>7} {fmt(row[6]):>7}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.json").write_text(json.dumps(rows, indent=2))
 

@@ -95,10 +95,12 @@ def test_davis_protocol_on_real_frames(tmp_path, davis_root):
     out = tmp_path / "eval"
     result = CliRunner().invoke(app, [
         "evaluate", "--baseline", "rgbxy", "--data", "davis", "--protocols", "davis", "--out", str(out),
-        f"workdir={tmp_path}", f"evaluate.root={davis_root}", "evaluate.davis_max_frames=4", "evaluate.image_size=160",
+        f"workdir={tmp_path}", f"evaluate.root={davis_root}", "evaluate.davis_max_frames=4", "evaluate.davis_image_size=160",
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[-2].split("\r")[-1].strip().startswith("davis: JF_mean rgbxy ")
-    m = json.loads((out / "metrics.json").read_text())["sources"]["rgbxy"]["metrics"]
+    results = json.loads((out / "metrics.json").read_text())
+    assert results["image_size"] == 160  # evaluate.davis_image_size, not evaluate.image_size (320)
+    m = results["sources"]["rgbxy"]["metrics"]
     assert m["davis/num_sequences"]["mean"] == 4
     assert 0 < m["davis/JF_mean"]["mean"] <= 1

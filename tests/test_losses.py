@@ -214,10 +214,21 @@ def test_maskcontrast_forward_matches_hand_computation():
     out = loss_fn(emb, emb, mask, mask, key1=emb, key2=emb)
     # each pixel: own prototype cos 1, the other image's prototype cos 0, the queue still empty
     assert out["loss"].item() == pytest.approx(math.log(1 + math.exp(-2.0)), rel=1e-6)
+    assert out["proto_acc"].item() == 1.0 and out["chance_loss"].item() == pytest.approx(math.log(2))
     # now the queue holds 4 prototypes (2 per image): 2 more at cos 1 and 2 at cos 0 join the negatives
     out = loss_fn(emb, emb, mask, mask, key1=emb, key2=emb)
     want = -math.log(math.exp(2) / (3 * math.exp(2) + 3))
     assert out["loss"].item() == pytest.approx(want, rel=1e-6)
+    assert out["chance_loss"].item() == pytest.approx(math.log(6))
+
+
+def test_maskcontrast_accuracy_counts_pixels_whose_own_prototype_ranks_first():
+    # image 0's pixel points at image 1's prototype: a miss; image 1's pixel at its own: a hit
+    query = torch.tensor([[0.0, 1.0], [0.0, 1.0]]).reshape(2, 2, 1, 1)
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).reshape(2, 2, 1, 1)
+    mask = torch.ones(2, 1, 1, dtype=torch.long)
+    out = MaskContrastLoss(temperature=0.5, queue_size=8, dim=2)(query, query, mask, mask, key1=keys, key2=keys)
+    assert out["proto_acc"].item() == pytest.approx(0.5)
 
 
 def test_maskcontrast_queue_pointer_advances_by_the_number_of_prototypes():

@@ -118,15 +118,17 @@ def evaluate(cfg: Config, checkpoint: str | None, out_dir: str | Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     sources: dict[str, dict] = {}
     parent = None
+    # a 320-px DAVIS frame is an 80x45 feature grid on which small objects vanish: davis has its own size
+    image_size = ecfg.davis_image_size if ecfg.data == "davis" else ecfg.image_size
     if checkpoint:
         ckpt = Path(checkpoint)
         if not (ckpt / "model.pt").is_file():
             raise EvaluationError(f"checkpoint {ckpt}: no model.pt (pass a folder from `distseg pretrain`)")
         meta = json.loads((ckpt / "meta.json").read_text()) if (ckpt / "meta.json").is_file() else {}
         parent = meta.get("mlflow_run_id")
-        sources["checkpoint"] = {"checkpoint": str(ckpt), "image_size": ecfg.image_size}
+        sources["checkpoint"] = {"checkpoint": str(ckpt), "image_size": image_size}
     for base in ecfg.baselines:
-        sources[base] = {"model_cfg": cfg.model, "image_size": ecfg.image_size, "seed": cfg.seed}
+        sources[base] = {"model_cfg": cfg.model, "image_size": image_size, "seed": cfg.seed}
     if not sources:
         raise EvaluationError("nothing to evaluate: pass --checkpoint and/or --baseline")
 
@@ -138,7 +140,7 @@ def evaluate(cfg: Config, checkpoint: str | None, out_dir: str | Path) -> dict:
         if any(p in ("linear", "knn", "retrieval") for p in semantic):
             train, _ = load_split(cfg, ecfg.train_split)
 
-    results: dict = {"data": ecfg.data, "protocols": ecfg.protocols, "seeds": ecfg.seeds, "sources": {}}
+    results: dict = {"data": ecfg.data, "protocols": ecfg.protocols, "seeds": ecfg.seeds, "image_size": image_size, "sources": {}}
     for source, kwargs in sources.items():
         t0 = time.perf_counter()
         fn = create_features(source, **kwargs)
@@ -164,7 +166,7 @@ def evaluate(cfg: Config, checkpoint: str | None, out_dir: str | Path) -> dict:
             with start_run(cfg, run_name=f"eval-{name}-{source}", parent_run_id=parent,
                            tags={"stage": "evaluate", "protocol": name, "source": source}, log_config=False) as tracker:  # fmt: skip
                 tracker.log_params({"protocol": name, "source": source, "data": ecfg.data, "seeds": len(per_seed),
-                                    "checkpoint": checkpoint or "", **{f"arg.{k}": v for k, v in ecfg.protocol_args.get(name, {}).items()}})  # fmt: skip
+                                    "image_size": image_size, "checkpoint": checkpoint or "", **{f"arg.{k}": v for k, v in ecfg.protocol_args.get(name, {}).items()}})  # fmt: skip
                 tracker.log_metrics({k: v["mean"] for k, v in metrics.items()})
                 tracker.log_metrics({f"{k}_std": v["std"] for k, v in metrics.items()})
                 report.log_protocol(tracker, name, first, evals, eval_feats, class_names, ecfg.num_examples)

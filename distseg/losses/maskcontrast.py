@@ -9,7 +9,10 @@ prototypes of the other images of the batch and from a FIFO queue of past protot
 
 with tau = 0.5, a queue of 128 prototypes and key-encoder momentum m = 0.999 (the project defaults,
 DESIGN.md). The loss is symmetric: view-1 pixels use the prototypes of key view 2 and
-vice versa (`loss_view1`, `loss_view2`; "loss" is their mean). Images without foreground in either
+vice versa (`loss_view1`, `loss_view2`; "loss" is their mean). Because the queue fills during the
+first steps, the raw loss climbs towards its chance level ln(#prototypes) (`chance_loss`) before it
+can fall; `proto_acc` (the share of foreground pixels whose most similar prototype is their own) is
+the number to watch. Images without foreground in either
 view are skipped. After the loss, both views' prototypes enter the queue (training mode only); the
 queue only contributes the entries filled so far. Without key1/key2 the detached query embeddings
 stand in for the keys (momentum 0). The training loop owns the EMA copy and reads `momentum`.
@@ -19,6 +22,8 @@ is the pixel-to-prototype cross-entropy the brief describes.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -41,14 +46,16 @@ def prototype_contrast(
     has: torch.Tensor,
     queue: torch.Tensor,
     temperature: float,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per foreground pixel of `emb` (B, D, h, w): cross-entropy of its similarities / tau to the batch
-    prototypes `protos[has]` and the `queue`, the target being its own image's prototype. Returns (M,)."""
+    prototypes `protos[has]` and the `queue`, the target being its own image's prototype. Returns the
+    (M,) losses and whether each pixel's most similar prototype is its own (M,) bool."""
     fg = (seg == 1) & has[:, None, None]
     z = emb.permute(0, 2, 3, 1)[fg]
     target = (has.long().cumsum(0) - 1)[fg.nonzero()[:, 0]]
     logits = z @ torch.cat([protos[has], queue]).T / temperature
-    return F.cross_entropy(logits, target, reduction="none")
+    hit = logits.detach().argmax(1) == target if logits.shape[1] else target.new_zeros(len(target), dtype=torch.bool)
+    return F.cross_entropy(logits, target, reduction="none"), hit
 
 
 @register_loss("maskcontrast")
@@ -94,16 +101,23 @@ class MaskContrastLoss(nn.Module):
         p2, has2 = mask_prototypes(emb2 if key2 is None else key2, seg2)
         queue = self.queue[: int(self.queue_len)].to(emb1.dtype)
 
-        terms = []
+        terms, hits = [], []
         for emb, seg, protos, has in ((emb1, seg1, p2, has2), (emb2, seg2, p1, has1)):
-            per_pixel = prototype_contrast(emb, seg, protos, has, queue, self.temperature)
+            per_pixel, hit = prototype_contrast(emb, seg, protos, has, queue, self.temperature)
             terms.append(per_pixel.mean() if len(per_pixel) else None)
+            hits.append(hit)
         present = [t for t in terms if t is not None]
         loss = torch.stack(present).mean() if present else zero_loss(emb1, emb2)
         zero = emb1.new_zeros(())
         self._enqueue(torch.cat([p2[has2], p1[has1]]))
+        hit = torch.cat(hits)
+        candidates = int(has1.sum() + has2.sum()) / 2 + len(queue)
         return {
             "loss": loss,
             "loss_view1": zero if terms[0] is None else terms[0].detach(),
             "loss_view2": zero if terms[1] is None else terms[1].detach(),
+            # the loss rises towards ln(candidates) while the queue fills; the retrieval accuracy
+            # (own prototype ranked first) and the chance level show whether anything is learned
+            "proto_acc": hit.float().mean() if len(hit) else zero,
+            "chance_loss": emb1.new_tensor(math.log(max(candidates, 1.0))),
         }
