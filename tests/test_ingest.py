@@ -76,6 +76,20 @@ def test_make_pairs_saliency_mask_is_foreground_and_rows_without_mask_are_skippe
     assert 0.15 < batch["seg1"].mean() < 0.35  # one quadrant is foreground
 
 
+def test_repeated_views_come_in_rounds_so_a_batch_holds_different_images():
+    records = []
+    for i, colour in enumerate(COLORS[:3]):
+        image = np.broadcast_to(colour, (32, 40, 3)).copy()
+        regions = np.zeros((32, 40), np.uint8)
+        regions[:, 20:] = 1
+        dist = np.array([[0, 0.5], [0.5, 0]], np.float32)
+        records.append(GroupingRecord(f"img{i}", f"img{i}.png", image, {"ucm": PriorOutput(regions=regions, region_dist=dist)}))
+    cfg = PretrainConfig(prior="ucm", crop=32, crop_scale=(1.0, 1.0), color_jitter=0.0, max_regions=4)
+    batch = MakePairs(cfg.model_dump(mode="json"), repeats=2)(_table(records, ["ucm"]))
+    order = [int(np.argmin(np.abs(COLORS[:3].astype(int) - v.mean((1, 2))).sum(1))) for v in batch["view1"]]
+    assert order == [0, 1, 2, 0, 1, 2]  # A B C A B C, never A A B B C C
+
+
 def test_too_many_regions_is_a_clear_error():
     image, seg = quadrant_image()
     record = GroupingRecord("big", "big.png", image, {"ucm": PriorOutput(regions=seg.astype(np.uint8), region_dist=np.zeros((4, 4), np.float32))})

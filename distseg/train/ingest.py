@@ -103,7 +103,7 @@ class MakePairs:
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
         cfg = self.cfg
         rows = table.to_pylist()
-        v1, s1, v2_, s2, dists = [], [], [], [], []
+        kept = []
         for row in rows:
             found = segments_of(row.get(cfg.prior), cfg.prior, int(row["height"]), int(row["width"]))
             if found is None:
@@ -113,11 +113,15 @@ class MakePairs:
                 raise IngestError(
                     f"image {row.get('image_id')}: {dist.shape[0]} regions > pretrain.max_regions={cfg.max_regions}"
                 )
-            image = decode_image(row["image"])
             padded = np.ones((cfg.max_regions, cfg.max_regions), np.float32)
             if dist is not None:
                 padded[: dist.shape[0], : dist.shape[0]] = dist
-            for _ in range(self.repeats):
+            kept.append((decode_image(row["image"]), segments, padded))
+        # repeat by rounds (A B C A B C, not A A B B C C): consecutive views, hence a batch, come from
+        # different images, which the cross-image negatives of every loss assume
+        v1, s1, v2_, s2, dists = [], [], [], [], []
+        for _ in range(self.repeats):
+            for image, segments, padded in kept:
                 a, sa, b, sb = self.views(image, segments)
                 v1.append(a), s1.append(sa), v2_.append(b), s2.append(sb), dists.append(padded)
         c = cfg.crop
@@ -149,7 +153,7 @@ def build_dataset(shards: str | Path, cfg: PretrainConfig, repeats: int = 1, cpu
     files = shard_files(shards)
     check_prior(files, cfg.prior)
     ds = ray.data.read_parquet(files, columns=["image_id", "height", "width", "image", cfg.prior])
-    rows_per_task = max(1, 16 // repeats)  # about 16 views per output batch
+    rows_per_task = max(cfg.batch_size, 16)  # a task's views repeat by rounds of this many images
     return ds.map_batches(make_pairs, fn_kwargs={"cfg": cfg.model_dump(mode="json"), "repeats": repeats},
                           batch_format="pyarrow", batch_size=rows_per_task, num_cpus=cpus_per_task)  # fmt: skip
 

@@ -143,7 +143,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     loss_fn = build_loss(cfg).to(device)
     key_encoder = None
     if getattr(loss_fn, "uses_key_encoder", False):
-        key_encoder = copy.deepcopy(net).to(device).eval()
+        # train mode (batch statistics) as MoCo's key encoder: in eval mode its BN would use running
+        # statistics that lag far behind the query's (EMA of an EMA) and put the keys on another scale
+        key_encoder = copy.deepcopy(net).to(device).train()
         for p in key_encoder.parameters():
             p.requires_grad_(False)
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
