@@ -79,6 +79,9 @@ def mine(
     except (MiningError, FileNotFoundError, ValueError) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(1) from None
+    from distseg.cluster import shutdown_ray
+
+    shutdown_ray()  # flush Ray's forwarded worker logs now, so the summary really is the last line
     typer.echo(f"{summary.new} processed this run, {summary.skipped} already present; {summary.seconds:.1f} s; shards in {summary.output}")
     typer.echo(f"mined {summary.mined} images, {summary.errors} errors")
 
