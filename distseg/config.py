@@ -119,6 +119,9 @@ class ModelConfig(Section):
     embed_dim: int = Field(32, ge=2, description="embedding dimension D")
     head_channels: int = Field(256, ge=8, description="channels of each Res3/Res4 projection")
     weights: str | None = Field(None, description="backbone init: a local state-dict file (default: random init)")
+    init_from: str | None = Field(
+        None, description="whole-network init: a distseg checkpoint folder (or its model.pt) of the same architecture"
+    )
 
 
 class HiergroupLoss(Section):
@@ -144,6 +147,7 @@ class MaskContrastLoss(Section):
     temperature: float = Field(0.5, gt=0, description="contrastive temperature tau")
     queue_size: int = Field(128, ge=1, description="queue of past mask prototypes K")
     momentum: float = Field(0.999, ge=0, lt=1, description="momentum m of the key encoder")
+    saliency_weight: float = Field(1.0, ge=0, description="weight of the saliency head's balanced BCE (0: contrast only)")
 
 
 class LossesConfig(Section):

@@ -28,6 +28,7 @@ import threading
 import time
 import traceback
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -491,17 +492,21 @@ def mine(
         per_call, blocks = plan_batches(len(todo), num_actors, cfg.mine.batch_size)
         monitor = ray.remote(num_cpus=0, max_restarts=0)(MineMonitor).remote(len(todo))
         ds = ray.data.from_items(todo, override_num_blocks=blocks)
-        ds = ds.map_batches(
-            MineWorker,
-            fn_constructor_kwargs={"cfg": cfg_dict, "fail_fast": fail_fast, "monitor": monitor, "crash_limit": crash_limit},
-            batch_size=per_call,
-            compute=ray.data.ActorPoolStrategy(size=num_actors),
-            num_cpus=1,
-            batch_format="numpy",
-            # bounded fault tolerance (Ray Data's default is -1: a worker that segfaults restarts forever)
-            max_restarts=max_restarts,
-            max_task_retries=max_restarts,
-        )
+        with warnings.catch_warnings():
+            # restarts can only be bounded through ray_remote_args (Ray documents map_batches(...,
+            # max_restarts=N)); its deprecation warning has no named replacement in the pinned Ray
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            ds = ds.map_batches(
+                MineWorker,
+                fn_constructor_kwargs={"cfg": cfg_dict, "fail_fast": fail_fast, "monitor": monitor, "crash_limit": crash_limit},
+                batch_size=per_call,
+                compute=ray.data.ActorPoolStrategy(size=num_actors),
+                num_cpus=1,
+                batch_format="numpy",
+                # bounded fault tolerance (Ray Data's default is -1: a worker that segfaults restarts forever)
+                max_restarts=max_restarts,
+                max_task_retries=max_restarts,
+            )
         sink = ShardSink(output_uri, shard_schema(cfg.mine.priors, cfg_dict), cfg.mine.rows_per_shard)
         # The writer reserves no CPU: with one actor per CPU (the default pool) a 1-CPU write task could
         # not start before the pool ends, so every shard (and a killed job's work) would wait till then.

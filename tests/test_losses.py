@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from distseg.losses import LOSSES, create_loss, info_nce
 from distseg.losses.concepts import ConceptsLoss, segment_embeddings, vq_loss
 from distseg.losses.hiergroup import HierGroupLoss, pair_contrastive_loss, pair_probabilities, positive_probability
-from distseg.losses.maskcontrast import MaskContrastLoss
+from distseg.losses.maskcontrast import MaskContrastLoss, balanced_bce, enet_weights
 
 NAMES = ["hiergroup", "concepts", "maskcontrast"]
 D = 8
@@ -210,16 +210,25 @@ def test_concepts_dictionary_gets_gradient_and_is_exposed_normalised():
 def test_maskcontrast_forward_matches_hand_computation():
     emb = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).reshape(2, 2, 1, 1).expand(2, 2, 1, 2).contiguous()
     mask = torch.ones(2, 1, 2, dtype=torch.long)
-    loss_fn = MaskContrastLoss(temperature=0.5, queue_size=8, dim=2)
+    loss_fn = MaskContrastLoss(temperature=0.5, queue_size=2, dim=2)
+    loss_fn.queue.copy_(torch.tensor([[-1.0, 0.0], [0.0, -1.0]]))
     out = loss_fn(emb, emb, mask, mask, key1=emb, key2=emb)
-    # each pixel: own prototype cos 1, the other image's prototype cos 0, the queue still empty
-    assert out["loss"].item() == pytest.approx(math.log(1 + math.exp(-2.0)), rel=1e-6)
-    assert out["proto_acc"].item() == 1.0 and out["chance_loss"].item() == pytest.approx(math.log(2))
-    # now the queue holds 4 prototypes (2 per image): 2 more at cos 1 and 2 at cos 0 join the negatives
-    out = loss_fn(emb, emb, mask, mask, key1=emb, key2=emb)
-    want = -math.log(math.exp(2) / (3 * math.exp(2) + 3))
+    # each pixel: own prototype cos 1, the other image's 0, the two queue entries -1 and 0
+    want = -math.log(math.exp(2) / (math.exp(2) + 1 + math.exp(-2) + 1))
+    assert out["contrast"].item() == pytest.approx(want, rel=1e-6)
+    assert out["saliency"].item() == 0.0  # all foreground: the balanced BCE has nothing to balance
     assert out["loss"].item() == pytest.approx(want, rel=1e-6)
-    assert out["chance_loss"].item() == pytest.approx(math.log(6))
+    assert out["proto_acc"].item() == 1.0 and out["chance_loss"].item() == pytest.approx(math.log(4))
+    # FIFO: the queue now holds the last two prototypes (view 1's), so one more positive-like candidate each
+    assert loss_fn.queue.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    out = loss_fn(emb, emb, mask, mask, key1=emb, key2=emb)
+    assert out["contrast"].item() == pytest.approx(-math.log(math.exp(2) / (2 * math.exp(2) + 2)), rel=1e-6)
+
+
+def test_maskcontrast_queue_starts_as_random_unit_vectors():
+    loss_fn = MaskContrastLoss(queue_size=32, dim=8)
+    assert torch.allclose(loss_fn.queue.norm(dim=1), torch.ones(32))
+    assert loss_fn.queue.std(dim=0).min() > 0.1  # random directions, not one repeated vector
 
 
 def test_maskcontrast_accuracy_counts_pixels_whose_own_prototype_ranks_first():
@@ -227,8 +236,45 @@ def test_maskcontrast_accuracy_counts_pixels_whose_own_prototype_ranks_first():
     query = torch.tensor([[0.0, 1.0], [0.0, 1.0]]).reshape(2, 2, 1, 1)
     keys = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).reshape(2, 2, 1, 1)
     mask = torch.ones(2, 1, 1, dtype=torch.long)
-    out = MaskContrastLoss(temperature=0.5, queue_size=8, dim=2)(query, query, mask, mask, key1=keys, key2=keys)
+    loss_fn = MaskContrastLoss(temperature=0.5, queue_size=1, dim=2)
+    loss_fn.queue.copy_(torch.tensor([[-1.0, 0.0]]))
+    out = loss_fn(query, query, mask, mask, key1=keys, key2=keys)
     assert out["proto_acc"].item() == pytest.approx(0.5)
+
+
+def test_enet_weights_favour_prototypes_with_few_pixels():
+    w = enet_weights(torch.tensor([0, 0, 0, 1]), num_classes=5)
+    assert w.tolist() == pytest.approx([1 / math.log(1.77)] * 3 + [1 / math.log(1.27)])
+    # weighted by them, the small mask's pixel counts ~2.2x each large-mask pixel
+    assert w[3] / w[0] == pytest.approx(math.log(1.77) / math.log(1.27))
+
+
+def test_balanced_bce_weights_each_class_by_the_others_share_and_skips_ignored_pixels():
+    seg = torch.tensor([[[1, 0, 0, 0, -1, -1]]])
+    logits = torch.zeros(1, 1, 6)
+    # p = 1/4 foreground: positives weigh 3/4, negatives 1/4; every pixel's BCE is ln 2 at logit 0
+    want = (0.75 + 3 * 0.25) / 4 * math.log(2)
+    assert balanced_bce(logits, seg).item() == pytest.approx(want, rel=1e-6)
+    assert balanced_bce(logits, torch.full_like(seg, -1)) is None
+
+
+def test_maskcontrast_saliency_head_learns_the_mask():
+    torch.manual_seed(0)
+    mask = torch.zeros(2, 4, 6, dtype=torch.long)
+    mask[:, :, :2] = 1
+    emb = separated(mask)  # foreground and background embeddings differ
+    loss_fn = MaskContrastLoss(dim=D, queue_size=16)
+    opt_params = list(loss_fn.saliency_head.parameters())
+    start = loss_fn(emb, emb, mask, mask)["saliency"]
+    for _ in range(50):
+        grads = torch.autograd.grad(loss_fn(emb, emb, mask, mask)["loss"], opt_params)
+        with torch.no_grad():
+            for p, g in zip(opt_params, grads):
+                p -= 0.5 * g
+    end = loss_fn(emb, emb, mask, mask)["saliency"]
+    assert end < 0.5 * start
+    pred = loss_fn.saliency_head(emb)[:, 0] > 0
+    assert torch.equal(pred, mask == 1)
 
 
 def test_maskcontrast_queue_pointer_advances_by_the_number_of_prototypes():
@@ -238,13 +284,18 @@ def test_maskcontrast_queue_pointer_advances_by_the_number_of_prototypes():
     mask[:, 1:3, 1:3] = 1
     mask[2] = 0  # no foreground: no prototype
     loss_fn(emb, emb, mask, mask)
-    assert int(loss_fn.queue_ptr) == 4 and int(loss_fn.queue_len) == 4  # 2 images x 2 views
+    assert int(loss_fn.queue_ptr) == 4  # 2 images x 2 views
+    protos = F.normalize(emb[:2, :, 1:3, 1:3].sum(dim=(2, 3)), dim=1)
+    assert torch.allclose(loss_fn.queue[:4], torch.cat([protos, protos]), atol=1e-6)
     for _ in range(3):
         loss_fn(emb, emb, mask, mask)
-    assert int(loss_fn.queue_ptr) == 16 % 16 and int(loss_fn.queue_len) == 16
+    assert int(loss_fn.queue_ptr) == 16 % 16
     loss_fn(emb, emb, mask, mask)
-    assert int(loss_fn.queue_ptr) == 4 and int(loss_fn.queue_len) == 16  # wrapped around (FIFO)
-    assert {"queue", "queue_ptr", "queue_len"} <= set(loss_fn.state_dict())
+    assert int(loss_fn.queue_ptr) == 4  # wrapped around (FIFO)
+    loss_fn.eval()
+    loss_fn(emb, emb, mask, mask)
+    assert int(loss_fn.queue_ptr) == 4  # evaluation leaves the queue alone
+    assert {"queue", "queue_ptr", "saliency_head.weight"} <= set(loss_fn.state_dict())
 
 
 # --- all three ------------------------------------------------------------------------------------

@@ -62,3 +62,17 @@ def test_load_embedding_model_from_checkpoint_dir(tmp_path):
     assert torch.allclose(loaded(x), model.eval()(x), atol=1e-6)
     with pytest.raises(FileNotFoundError, match="model.pt"):
         load_embedding_model(tmp_path / "nowhere")
+
+
+def test_init_from_a_checkpoint_copies_every_weight_and_rejects_a_mismatch(tmp_path):
+    cfg = load_config("demo")
+    source = create_model(cfg.model)
+    torch.save(source.state_dict(), tmp_path / "model.pt")
+    for where in (tmp_path, tmp_path / "model.pt"):  # the folder or the file
+        net = create_model(cfg.model.model_copy(update={"init_from": str(where)}))
+        assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), source.state_dict().values()))
+    other = cfg.model.model_copy(update={"embed_dim": cfg.model.embed_dim + 1, "init_from": str(tmp_path)})
+    with pytest.raises(ValueError, match="model.pt does not fit this model"):
+        create_model(other)
+    with pytest.raises(FileNotFoundError, match="model.init_from: .*missing"):
+        create_model(cfg.model.model_copy(update={"init_from": str(tmp_path / "missing")}))

@@ -23,6 +23,7 @@ TINY = [
     "data.num_images=16", "data.image_size=64", "mine.max_side=64", "hierarchy.max_regions=12",
     "model.head_channels=16", "model.embed_dim=8", "pretrain.batch_size=2", "pretrain.crop=48",
     "pretrain.num_workers=2", "pretrain.cpus_per_worker=1", "pretrain.log_every=1", "ray.num_cpus=3",
+    "mine.priors=[ucm,saliency]",
 ]  # fmt: skip
 
 
@@ -76,6 +77,23 @@ def test_mine_pretrain_two_workers_then_resume(tmp_path):
     assert [s for s, _ in mlflow_metrics(cfg, first.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
     for key in ("lr", "images_per_s"):
         assert len(mlflow_metrics(cfg, first.run_id, key)) == 6
+
+    # maskcontrast (key encoder, queue, saliency head all-reduced by hand) started from that checkpoint
+    mc = pretrain(tiny_config(
+        tmp_path, "name=mc", "pretrain.method=maskcontrast", "pretrain.prior=saliency", "pretrain.steps=2",
+        f"pretrain.data={shards}", f"model.init_from={resumed.checkpoint}",
+    ))  # fmt: skip
+    assert mc.run_id != first.run_id
+    assert json.loads((mc.checkpoint / "meta.json").read_text())["step"] == 2
+    assert load_config(str(mc.checkpoint / "config.yaml")).model.init_from == str(resumed.checkpoint)
+    loss_state = torch.load(mc.checkpoint / "loss.pt", weights_only=True)
+    assert loss_state["queue"].shape == (128, 8) and "saliency_head.weight" in loss_state
+    assert (mc.checkpoint / "key_encoder.pt").is_file()
+    assert len(mlflow_metrics(cfg, mc.run_id, "proto_acc")) == 2
+
+    # resuming that run with another loss is refused with a message naming the run and what to do
+    with pytest.raises(Exception, match="run 'mc' cannot resume from .*different model, loss or optimizer"):
+        pretrain(tiny_config(tmp_path, "name=mc", "pretrain.steps=4", "pretrain.max_failures=0", f"pretrain.data={shards}"))
 
 
 def _train_worker_pids() -> list[int]:

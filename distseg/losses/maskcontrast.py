@@ -5,20 +5,27 @@ is the normalised mean of the KEY (momentum-encoder) embeddings over the mask, z
 Every foreground query pixel i of an image is pulled to its own image's prototype and pushed from the
 prototypes of the other images of the batch and from a FIFO queue of past prototypes:
 
-    L = mean_i -log( exp(z_i.z_M / tau) / (exp(z_i.z_M / tau) + sum_{n in N} exp(z_i.z_n / tau)) )
+    L_contrast = mean_i w_i * -log( exp(z_i.z_M / tau) / (exp(z_i.z_M / tau) + sum_{n in N} exp(z_i.z_n / tau)) )
 
 with tau = 0.5, a queue of 128 prototypes and key-encoder momentum m = 0.999 (the project defaults,
-DESIGN.md). The loss is symmetric: view-1 pixels use the prototypes of key view 2 and
-vice versa (`loss_view1`, `loss_view2`; "loss" is their mean). Because the queue fills during the
-first steps, the raw loss climbs towards its chance level ln(#prototypes) (`chance_loss`) before it
-can fall; `proto_acc` (the share of foreground pixels whose most similar prototype is their own) is
-the number to watch. Images without foreground in either
-view are skipped. After the loss, both views' prototypes enter the queue (training mode only); the
-queue only contributes the entries filled so far. Without key1/key2 the detached query embeddings
-stand in for the keys (momentum 0). The training loop owns the EMA copy and reads `momentum`.
+DESIGN.md). As in the authors' code:
+- the queue starts as random unit vectors (not empty), so the number of candidates is constant;
+- pixels are weighted per target prototype with the E-Net weights w = 1 / ln(1.02 + share of the
+  batch's foreground pixels on that prototype), so images with small masks count as much as large ones;
+- a saliency head (here a 1x1 conv on the embedding) predicts the mask, trained with a class-balanced
+  binary cross-entropy, L = L_contrast + saliency_weight * L_saliency. This gives the encoder a
+  non-degenerate signal from the first step, when random-init prototypes are almost identical.
 
-Provenance: the paper's text was not reachable from this workplace beyond its abstract; the objective
-is the pixel-to-prototype cross-entropy the brief describes.
+The contrast is symmetric: view-1 pixels use the prototypes of key view 2 and vice versa. `proto_acc`
+(the share of foreground pixels whose most similar prototype is their own) and `chance_loss`
+(ln of the number of candidates) show whether the contrast learns. Images without foreground in
+either view are skipped. After the loss, both views' prototypes enter the queue (training mode only).
+Without key1/key2 the detached query embeddings stand in for the keys (momentum 0). The training
+loop owns the EMA copy and reads `momentum`.
+
+Provenance: the paper's text was not reachable from this workplace beyond its abstract; the queue
+initialisation, E-Net weighting and saliency head follow the public description of the authors'
+training code.
 """
 
 from __future__ import annotations
@@ -39,6 +46,12 @@ def mask_prototypes(keys: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor
     return protos, fg.flatten(1).sum(dim=1) > 0
 
 
+def enet_weights(target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-sample E-Net class weights 1 / ln(1.02 + p_class) of each sample's target (p: its share of samples)."""
+    share = torch.bincount(target, minlength=num_classes).float() / max(len(target), 1)
+    return (1.0 / torch.log(1.02 + share))[target]
+
+
 def prototype_contrast(
     emb: torch.Tensor,
     seg: torch.Tensor,
@@ -46,32 +59,56 @@ def prototype_contrast(
     has: torch.Tensor,
     queue: torch.Tensor,
     temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per foreground pixel of `emb` (B, D, h, w): cross-entropy of its similarities / tau to the batch
-    prototypes `protos[has]` and the `queue`, the target being its own image's prototype. Returns the
-    (M,) losses and whether each pixel's most similar prototype is its own (M,) bool."""
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """E-Net-weighted cross-entropy of each foreground pixel of `emb` (B, D, h, w): its similarities / tau to
+    the batch prototypes `protos[has]` and the `queue`, the target being its own image's prototype.
+    Returns the loss (None without foreground pixels) and whether each pixel's most similar prototype is
+    its own (M,) bool."""
     fg = (seg == 1) & has[:, None, None]
     z = emb.permute(0, 2, 3, 1)[fg]
+    if len(z) == 0:
+        return None, torch.zeros(0, dtype=torch.bool, device=emb.device)
     target = (has.long().cumsum(0) - 1)[fg.nonzero()[:, 0]]
     logits = z @ torch.cat([protos[has], queue]).T / temperature
-    hit = logits.detach().argmax(1) == target if logits.shape[1] else target.new_zeros(len(target), dtype=torch.bool)
-    return F.cross_entropy(logits, target, reduction="none"), hit
+    hit = logits.detach().argmax(1) == target
+    weight = enet_weights(target, logits.shape[1])
+    loss = (weight * F.cross_entropy(logits, target, reduction="none")).sum() / weight.sum()
+    return loss, hit
+
+
+def balanced_bce(logits: torch.Tensor, seg: torch.Tensor) -> torch.Tensor | None:
+    """Binary cross-entropy of saliency `logits` (B, h, w) against seg == 1 over the non-ignored pixels,
+    each class weighted by the other's share so that a small mask is not drowned by the background."""
+    valid = seg >= 0
+    if not valid.any():
+        return None
+    target = (seg[valid] == 1).float()
+    pos = target.mean()
+    weight = torch.where(target > 0, 1 - pos, pos)
+    return F.binary_cross_entropy_with_logits(logits[valid], target, weight=weight)
 
 
 @register_loss("maskcontrast")
 class MaskContrastLoss(nn.Module):
-    """MaskContrast's pixel-to-mask-prototype contrast with a prototype queue (module docstring)."""
+    """MaskContrast's pixel-to-mask-prototype contrast with a prototype queue and a saliency head (module docstring)."""
 
     uses_key_encoder = True
 
-    def __init__(self, temperature: float = 0.5, queue_size: int = 128, momentum: float = 0.999, dim: int = 32):
+    def __init__(
+        self,
+        temperature: float = 0.5,
+        queue_size: int = 128,
+        momentum: float = 0.999,
+        saliency_weight: float = 1.0,
+        dim: int = 32,
+    ):
         super().__init__()
-        if temperature <= 0 or queue_size < 1 or dim < 1 or not 0 <= momentum < 1:
-            raise ValueError("temperature > 0, queue_size >= 1, dim >= 1, 0 <= momentum < 1")
-        self.temperature, self.momentum, self.dim = temperature, momentum, dim
-        self.register_buffer("queue", torch.zeros(queue_size, dim))
+        if temperature <= 0 or queue_size < 1 or dim < 1 or not 0 <= momentum < 1 or saliency_weight < 0:
+            raise ValueError("temperature > 0, queue_size >= 1, dim >= 1, 0 <= momentum < 1, saliency_weight >= 0")
+        self.temperature, self.momentum, self.saliency_weight, self.dim = temperature, momentum, saliency_weight, dim
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # next slot to overwrite
-        self.register_buffer("queue_len", torch.zeros((), dtype=torch.long))  # slots filled so far
+        self.saliency_head = nn.Conv2d(dim, 1, kernel_size=1)
 
     @torch.no_grad()
     def _enqueue(self, protos: torch.Tensor) -> None:
@@ -82,7 +119,6 @@ class MaskContrastLoss(nn.Module):
         ptr = int(self.queue_ptr)
         self.queue[(ptr + torch.arange(len(protos), device=protos.device)) % size] = protos.to(self.queue.dtype)
         self.queue_ptr.fill_((ptr + len(protos)) % size)
-        self.queue_len.fill_(min(size, int(self.queue_len) + len(protos)))
 
     def forward(
         self,
@@ -99,25 +135,28 @@ class MaskContrastLoss(nn.Module):
             raise ValueError(f"embedding dimension {emb1.shape[1]} != the prototype queue's {self.dim}")
         p1, has1 = mask_prototypes(emb1 if key1 is None else key1, seg1)
         p2, has2 = mask_prototypes(emb2 if key2 is None else key2, seg2)
-        queue = self.queue[: int(self.queue_len)].to(emb1.dtype)
+        queue = self.queue.to(emb1.dtype)
 
-        terms, hits = [], []
+        contrast, saliency, hits = [], [], []
         for emb, seg, protos, has in ((emb1, seg1, p2, has2), (emb2, seg2, p1, has1)):
-            per_pixel, hit = prototype_contrast(emb, seg, protos, has, queue, self.temperature)
-            terms.append(per_pixel.mean() if len(per_pixel) else None)
+            term, hit = prototype_contrast(emb, seg, protos, has, queue, self.temperature)
+            contrast += [term] if term is not None else []
             hits.append(hit)
-        present = [t for t in terms if t is not None]
-        loss = torch.stack(present).mean() if present else zero_loss(emb1, emb2)
+            bce = balanced_bce(self.saliency_head(emb)[:, 0], seg)
+            saliency += [bce] if bce is not None else []
         zero = emb1.new_zeros(())
+        loss_contrast = torch.stack(contrast).mean() if contrast else zero
+        loss_saliency = torch.stack(saliency).mean() if saliency else zero
+        loss = loss_contrast + self.saliency_weight * loss_saliency
+        if not contrast and not saliency:
+            loss = zero_loss(emb1, emb2)
         self._enqueue(torch.cat([p2[has2], p1[has1]]))
         hit = torch.cat(hits)
         candidates = int(has1.sum() + has2.sum()) / 2 + len(queue)
         return {
             "loss": loss,
-            "loss_view1": zero if terms[0] is None else terms[0].detach(),
-            "loss_view2": zero if terms[1] is None else terms[1].detach(),
-            # the loss rises towards ln(candidates) while the queue fills; the retrieval accuracy
-            # (own prototype ranked first) and the chance level show whether anything is learned
+            "contrast": loss_contrast.detach(),
+            "saliency": loss_saliency.detach(),
             "proto_acc": hit.float().mean() if len(hit) else zero,
             "chance_loss": emb1.new_tensor(math.log(max(candidates, 1.0))),
         }

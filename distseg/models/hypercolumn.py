@@ -40,8 +40,30 @@ class HypercolumnNet(nn.Module):
 
 
 def create_model(cfg: ModelConfig) -> HypercolumnNet:
-    """The embedding network a `ModelConfig` describes (random init unless `cfg.weights` is set)."""
-    return HypercolumnNet(cfg.backbone, cfg.embed_dim, cfg.head_channels, cfg.weights)
+    """The embedding network a `ModelConfig` describes: random init, the backbone from `cfg.weights`,
+    or every weight from the distseg checkpoint `cfg.init_from`."""
+    model = HypercolumnNet(cfg.backbone, cfg.embed_dim, cfg.head_channels, cfg.weights)
+    if cfg.init_from:
+        load_network_weights(model, cfg.init_from)
+    return model
+
+
+def load_network_weights(model: HypercolumnNet, checkpoint: str | Path) -> None:
+    """Load a checkpoint's whole network (a folder holding model.pt, or the file) into `model`, strictly."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"model.init_from: {path} does not exist (give a checkpoint folder or its model.pt)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1:3]
+        raise ValueError(
+            f"model.init_from: {path} does not fit this model (backbone, embed_dim and head_channels must match "
+            f"the checkpoint's config.yaml): {' '.join(line.strip() for line in first)}"
+        ) from None
 
 
 def load_embedding_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[HypercolumnNet, "object"]:
@@ -53,7 +75,7 @@ def load_embedding_model(checkpoint: str | Path, device: str | torch.device = "c
         if not (folder / name).is_file():
             raise FileNotFoundError(f"checkpoint {folder}: {name} is missing (expected model.pt, config.yaml, meta.json)")
     cfg = load_config(folder / "config.yaml")
-    model_cfg = cfg.model.model_copy(update={"weights": None})  # the checkpoint holds every weight
+    model_cfg = cfg.model.model_copy(update={"weights": None, "init_from": None})  # the checkpoint holds every weight
     model = create_model(model_cfg)
     model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
     return model.to(device).eval(), cfg

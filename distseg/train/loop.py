@@ -29,6 +29,10 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
+class CheckpointMismatch(RuntimeError):
+    """A run's last checkpoint does not fit the network, loss or optimizer being resumed."""
+
+
 def lr_at(step: int, cfg: PretrainConfig) -> float:
     """The learning rate after `step` optimizer steps (warm-up, then the configured schedule)."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -157,11 +161,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             d = Path(d)
-            net.load_state_dict(torch.load(d / "model.pt", map_location=device, weights_only=True))
-            optimizer.load_state_dict(torch.load(d / "optimizer.pt", map_location=device, weights_only=True))
-            loss_fn.load_state_dict(torch.load(d / "loss.pt", map_location=device, weights_only=True))
-            if key_encoder is not None and (d / "key_encoder.pt").is_file():
-                key_encoder.load_state_dict(torch.load(d / "key_encoder.pt", map_location=device, weights_only=True))
+            try:
+                net.load_state_dict(torch.load(d / "model.pt", map_location=device, weights_only=True))
+                optimizer.load_state_dict(torch.load(d / "optimizer.pt", map_location=device, weights_only=True))
+                loss_fn.load_state_dict(torch.load(d / "loss.pt", map_location=device, weights_only=True))
+                if key_encoder is not None and (d / "key_encoder.pt").is_file():
+                    key_encoder.load_state_dict(torch.load(d / "key_encoder.pt", map_location=device, weights_only=True))
+            except (RuntimeError, ValueError, KeyError) as err:
+                raise CheckpointMismatch(
+                    f"run {cfg.name!r} cannot resume from {checkpoint.path}: it was saved by a different model, loss "
+                    f"or optimizer than this config and code build ({str(err).splitlines()[0]}). Start a new run "
+                    f"with another name=..., or delete that run's folder to start it over."
+                ) from None
             meta = json.loads((d / "meta.json").read_text())
             start, epoch = meta["step"], meta.get("epoch") or 0
 
@@ -193,9 +204,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         scaler.scale(terms["loss"]).backward()
         if world > 1 and loss_params:
             for p in loss_params:
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad.div_(world)
+                if p.grad is None:  # every rank must join each all_reduce, with or without a gradient
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(world)
         scaler.step(optimizer)
         scaler.update()
         if key_encoder is not None:

@@ -63,6 +63,13 @@ def pretrain(cfg: Config, memory_batches: int = 8) -> PretrainResult:
     from distseg.cluster import init_ray
     from distseg.tracking import start_run
 
+    if cfg.model.init_from:
+        from distseg.models import create_model
+
+        # absolute for the workers, and checked here so a wrong path fails before Ray or mining starts
+        cfg = cfg.model_copy(deep=True)
+        cfg.model.init_from = str(Path(cfg.model.init_from).resolve())
+        create_model(cfg.model)
     pcfg = cfg.pretrain
     workdir = Path(cfg.workdir).resolve()
     ray_cfg = cfg.ray.model_copy()
