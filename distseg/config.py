@@ -179,6 +179,9 @@ class PretrainConfig(Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel)")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs (and torch threads) per worker")
     use_gpu: bool = Field(False, description="one GPU per worker (AMP and channels_last on)")
+    shuffle_buffer: int = Field(
+        256, ge=0, description="rows mixed by each worker's local shuffle buffer (0: shard order; files are always shuffled)"
+    )
     ingest: str = Field("ray_data", pattern="^(ray_data|memory)$", description="ray_data streaming | memory (benchmark baseline)")
     log_every: int = Field(10, ge=1, description="steps between metric reports")
     checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")

@@ -76,18 +76,36 @@ def test_make_pairs_saliency_mask_is_foreground_and_rows_without_mask_are_skippe
     assert 0.15 < batch["seg1"].mean() < 0.35  # one quadrant is foreground
 
 
-def test_repeated_views_come_in_rounds_so_a_batch_holds_different_images():
-    records = []
-    for i, colour in enumerate(COLORS[:3]):
-        image = np.broadcast_to(colour, (32, 40, 3)).copy()
-        regions = np.zeros((32, 40), np.uint8)
-        regions[:, 20:] = 1
-        dist = np.array([[0, 0.5], [0.5, 0]], np.float32)
-        records.append(GroupingRecord(f"img{i}", f"img{i}.png", image, {"ucm": PriorOutput(regions=regions, region_dist=dist)}))
-    cfg = PretrainConfig(prior="ucm", crop=32, crop_scale=(1.0, 1.0), color_jitter=0.0, max_regions=4)
-    batch = MakePairs(cfg.model_dump(mode="json"), repeats=2)(_table(records, ["ucm"]))
-    order = [int(np.argmin(np.abs(COLORS[:3].astype(int) - v.mean((1, 2))).sum(1))) for v in batch["view1"]]
-    assert order == [0, 1, 2, 0, 1, 2]  # A B C A B C, never A A B B C C
+def test_repeats_come_back_only_after_every_other_image(tmp_path):
+    """build_dataset on a real local Ray: with 3 views per image from 2 shard files of 6 images, an
+    image's next view comes at least a whole shard file later (the files of a pass may arrive in any
+    order), so neither a batch nor a queue of the last few batches holds the same image twice."""
+    import ray
+
+    from distseg.train.ingest import build_dataset
+
+    colours = np.array([[20 * i, 250 - 20 * i, (67 * i) % 250] for i in range(12)], np.uint8)
+    regions = np.zeros((32, 32), np.uint8)
+    regions[:, 16:] = 1
+    dist = np.array([[0, 0.5], [0.5, 0]], np.float32)
+    for part in range(2):
+        records = [
+            GroupingRecord(f"img{i}", f"img{i}.png", np.broadcast_to(colours[i], (32, 32, 3)).copy(),
+                           {"ucm": PriorOutput(regions=regions, region_dist=dist)})
+            for i in range(6 * part, 6 * part + 6)
+        ]  # fmt: skip
+        pq.write_table(_table(records, ["ucm"]), tmp_path / f"part-{part}.parquet")
+    cfg = PretrainConfig(prior="ucm", crop=32, crop_scale=(1.0, 1.0), color_jitter=0.0, max_regions=4, batch_size=4)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        views = [b["view1"] for b in build_dataset(tmp_path, cfg, repeats=3).iter_batches(batch_size=None)]
+    finally:
+        ray.shutdown()
+    means = np.concatenate(views).mean(axis=(2, 3))
+    order = [int(np.abs(colours.astype(int) - m).sum(1).argmin()) for m in means]
+    assert sorted(order) == sorted(list(range(12)) * 3)
+    gaps = [j - i for i in range(len(order)) for j in range(i + 1, len(order)) if order[i] == order[j]]
+    assert min(gaps) >= 6, str(order)
 
 
 def test_too_many_regions_is_a_clear_error():

@@ -95,10 +95,9 @@ class PairedViews:
 class MakePairs:
     """Ray Data `map_batches` callable: shard rows (pyarrow) -> a numpy batch of paired views."""
 
-    def __init__(self, cfg: dict, repeats: int = 1):
+    def __init__(self, cfg: dict):
         self.cfg = PretrainConfig.model_validate(cfg)
         self.views = PairedViews(self.cfg.crop, self.cfg.crop_scale, self.cfg.color_jitter)
-        self.repeats = repeats
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
         cfg = self.cfg
@@ -117,13 +116,10 @@ class MakePairs:
             if dist is not None:
                 padded[: dist.shape[0], : dist.shape[0]] = dist
             kept.append((decode_image(row["image"]), segments, padded))
-        # repeat by rounds (A B C A B C, not A A B B C C): consecutive views, hence a batch, come from
-        # different images, which the cross-image negatives of every loss assume
         v1, s1, v2_, s2, dists = [], [], [], [], []
-        for _ in range(self.repeats):
-            for image, segments, padded in kept:
-                a, sa, b, sb = self.views(image, segments)
-                v1.append(a), s1.append(sa), v2_.append(b), s2.append(sb), dists.append(padded)
+        for image, segments, padded in kept:
+            a, sa, b, sb = self.views(image, segments)
+            v1.append(a), s1.append(sa), v2_.append(b), s2.append(sb), dists.append(padded)
         c = cfg.crop
         if not v1:
             empty = lambda shape, dt: np.zeros((0, *shape), dt)  # noqa: E731
@@ -133,8 +129,8 @@ class MakePairs:
         return {"view1": np.stack(v1), "seg1": np.stack(s1), "view2": np.stack(v2_), "seg2": np.stack(s2), "dist": np.stack(dists)}
 
 
-def make_pairs(table: pa.Table, cfg: dict, repeats: int = 1) -> dict[str, np.ndarray]:
-    return MakePairs(cfg, repeats)(table)
+def make_pairs(table: pa.Table, cfg: dict) -> dict[str, np.ndarray]:
+    return MakePairs(cfg)(table)
 
 
 def repeats_per_epoch(rows: int, cfg: PretrainConfig, world: int, min_steps: int = 100) -> int:
@@ -152,10 +148,16 @@ def build_dataset(shards: str | Path, cfg: PretrainConfig, repeats: int = 1, cpu
 
     files = shard_files(shards)
     check_prior(files, cfg.prior)
-    ds = ray.data.read_parquet(files, columns=["image_id", "height", "width", "image", cfg.prior])
-    rows_per_task = max(cfg.batch_size, 16)  # a task's views repeat by rounds of this many images
-    return ds.map_batches(make_pairs, fn_kwargs={"cfg": cfg.model_dump(mode="json"), "repeats": repeats},
-                          batch_format="pyarrow", batch_size=rows_per_task, num_cpus=cpus_per_task)  # fmt: skip
+    # Repeats are whole passes over the files, so an image comes back at least a shard file later
+    # (the files of a pass arrive in any order): a batch never holds an image twice, and a prototype
+    # queue or memory bank of recent batches holds no second view of the image being contrasted.
+    columns = ["image_id", "height", "width", "image", cfg.prior]
+    # shards hold images in the order they were mined (often grouped by class or sequence): each
+    # pass reads the files in a new random order, and the loop mixes rows in a shuffle buffer
+    passes = [ray.data.read_parquet(files, columns=columns, shuffle="files") for _ in range(repeats)]
+    ds = passes[0].union(*passes[1:]) if repeats > 1 else passes[0]
+    return ds.map_batches(make_pairs, fn_kwargs={"cfg": cfg.model_dump(mode="json")},
+                          batch_format="pyarrow", batch_size=max(cfg.batch_size, 16), num_cpus=cpus_per_task)  # fmt: skip
 
 
 def count_rows(shards: str | Path) -> int:

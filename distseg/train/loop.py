@@ -103,7 +103,10 @@ def _batches(loop_config: dict, cfg: PretrainConfig, world: int):
     epoch = 0
     while True:
         seen = 0
-        for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True):
+        batches = shard.iter_torch_batches(
+            batch_size=cfg.batch_size, drop_last=True, local_shuffle_buffer_size=cfg.shuffle_buffer or None
+        )
+        for batch in batches:
             seen += 1
             if cache is not None:
                 cache.append(batch)
