@@ -13,8 +13,10 @@ DESIGN.md). As in the authors' code:
 - pixels are weighted per target prototype with the E-Net weights w = 1 / ln(1.02 + share of the
   batch's foreground pixels on that prototype), so images with small masks count as much as large ones;
 - a saliency head (here a 1x1 conv on the embedding) predicts the mask, trained with a class-balanced
-  binary cross-entropy, L = L_contrast + saliency_weight * L_saliency. This gives the encoder a
-  non-degenerate signal from the first step, when random-init prototypes are almost identical.
+  binary cross-entropy, L = L_contrast + saliency_weight * L_saliency.
+
+Like the authors, start from a self-supervised network (`model.init_from`): from random init the
+prototypes of different images are almost parallel and the contrast stays at chance (README).
 
 The contrast is symmetric: view-1 pixels use the prototypes of key view 2 and vice versa. `proto_acc`
 (the share of foreground pixels whose most similar prototype is their own) and `chance_loss`
@@ -147,8 +149,9 @@ class MaskContrastLoss(nn.Module):
         zero = emb1.new_zeros(())
         loss_contrast = torch.stack(contrast).mean() if contrast else zero
         loss_saliency = torch.stack(saliency).mean() if saliency else zero
-        loss = loss_contrast + self.saliency_weight * loss_saliency
-        if not contrast and not saliency:
+        if contrast or saliency:
+            loss = loss_contrast + self.saliency_weight * loss_saliency
+        else:
             loss = zero_loss(emb1, emb2)
         self._enqueue(torch.cat([p2[has2], p1[has1]]))
         hit = torch.cat(hits)

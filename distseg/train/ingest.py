@@ -148,12 +148,12 @@ def build_dataset(shards: str | Path, cfg: PretrainConfig, repeats: int = 1, cpu
 
     files = shard_files(shards)
     check_prior(files, cfg.prior)
-    # Repeats are whole passes over the files, so an image comes back at least a shard file later
-    # (the files of a pass arrive in any order): a batch never holds an image twice, and a prototype
-    # queue or memory bank of recent batches holds no second view of the image being contrasted.
+    # Repeats are whole passes over the files, so an image comes back at least a shard file later: a
+    # batch never holds an image twice, and a prototype queue or memory bank of recent batches holds
+    # no second view of the image being contrasted. Shards keep mining order (often grouped by class
+    # or sequence), so each pass reads the files in a new random order and the loop mixes rows in a
+    # shuffle buffer.
     columns = ["image_id", "height", "width", "image", cfg.prior]
-    # shards hold images in the order they were mined (often grouped by class or sequence): each
-    # pass reads the files in a new random order, and the loop mixes rows in a shuffle buffer
     passes = [ray.data.read_parquet(files, columns=columns, shuffle="files") for _ in range(repeats)]
     ds = passes[0].union(*passes[1:]) if repeats > 1 else passes[0]
     return ds.map_batches(make_pairs, fn_kwargs={"cfg": cfg.model_dump(mode="json")},
