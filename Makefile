@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.distseg-installed
 
-.PHONY: demo test test-slow install clean
+.PHONY: demo test test-slow lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/distseg demo
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check distseg tests jobs
+	$(BIN)/ruff format --check distseg tests jobs
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)

@@ -52,7 +52,9 @@ def config_show(
 @app.command()
 def demo(
     config: str = typer.Option("demo", "--config", "-c", help=CONFIG_HELP),
-    workdir: Path | None = typer.Option(None, help="where outputs and the MLflow store go (default: the config's workdir)"),
+    workdir: Path | None = typer.Option(
+        None, help="where outputs and the MLflow store go (default: the config's workdir)"
+    ),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
 ) -> None:
     """Run the pipeline end to end on the built-in synthetic data and log it to MLflow."""
@@ -65,13 +67,16 @@ def demo(
 @app.command()
 def mine(
     input: str = typer.Option(..., "--input", "-i", help="images: a folder (recursive), a glob, or s3:// / gs:// URI"),
-    output: str = typer.Option(..., "--output", "-o", help="where shards/, errors/ and _manifest.json go (local or s3:// / gs://)"),
+    output: str = typer.Option(
+        ..., "--output", "-o", help="where shards/, errors/ and _manifest.json go (local or s3:// / gs://)"
+    ),
     config: str = typer.Option("demo", "--config", "-c", help=CONFIG_HELP),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="stop at the first bad image instead of recording it"),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (e.g. mine.priors=[ucm,saliency])"),
 ) -> None:
     """Run the grouping priors over an image collection into Parquet shards (resumable)."""
-    from distseg.mine import MiningError, mine as run_mine
+    from distseg.mining import MiningError
+    from distseg.mining import mine as run_mine
 
     cfg = resolve(config, overrides)
     try:
@@ -82,14 +87,21 @@ def mine(
     from distseg.cluster import shutdown_ray
 
     shutdown_ray()  # flush Ray's forwarded worker logs now, so the summary really is the last line
-    typer.echo(f"{summary.new} processed this run, {summary.skipped} already present; {summary.seconds:.1f} s; shards in {summary.output}")
+    typer.echo(
+        f"{summary.new} processed this run, {summary.skipped} already present; "
+        f"{summary.seconds:.1f} s; shards in {summary.output}"
+    )
     typer.echo(f"mined {summary.mined} images, {summary.errors} errors")
 
 
 @app.command()
 def pretrain(
-    config: str = typer.Option("hiergroup", "--config", "-c", help=CONFIG_HELP + ": hiergroup | concepts | maskcontrast | demo"),
-    data: str | None = typer.Option(None, "--data", "-d", help="shards folder written by `distseg mine` (default: mine the synthetic set first)"),
+    config: str = typer.Option(
+        "hiergroup", "--config", "-c", help=CONFIG_HELP + ": hiergroup | concepts | maskcontrast | demo"
+    ),
+    data: str | None = typer.Option(
+        None, "--data", "-d", help="shards folder written by `distseg mine` (default: mine the synthetic set first)"
+    ),
     name: str | None = typer.Option(None, help="run name (default: the config's); rerunning a name resumes it"),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (see pretrain.*, model.*, losses.*)"),
 ) -> None:
@@ -111,20 +123,36 @@ def pretrain(
 
 @app.command()
 def evaluate(
-    checkpoint: str | None = typer.Option(None, "--checkpoint", help="checkpoint folder from `distseg pretrain` (model.pt, config.yaml)"),
-    data: str | None = typer.Option(None, "--data", help="msrc | davis | synthetic | folder:PATH (default: the config's evaluate.data)"),
-    protocols: str | None = typer.Option(None, "--protocols", help="comma list: linear,kmeans,knn,retrieval,davis,purity"),
+    checkpoint: str | None = typer.Option(
+        None, "--checkpoint", help="checkpoint folder from `distseg pretrain` (model.pt, config.yaml)"
+    ),
+    data: str | None = typer.Option(
+        None, "--data", help="msrc | davis | synthetic | folder:PATH (default: the config's evaluate.data)"
+    ),
+    protocols: str | None = typer.Option(
+        None, "--protocols", help="comma list: linear,kmeans,knn,retrieval,davis,purity"
+    ),
     seeds: int | None = typer.Option(None, "--seeds", help="rerun the stochastic protocols with N seeds (mean +- std)"),
     baseline: str | None = typer.Option(None, "--baseline", help="also score baselines: random, rgbxy (comma list)"),
-    out: Path | None = typer.Option(None, "--out", help="output folder for metrics.json and pictures (default: <workdir>/eval/<name>)"),
-    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP + " (default: the checkpoint's config.yaml, else demo)"),
+    out: Path | None = typer.Option(
+        None, "--out", help="output folder for metrics.json and pictures (default: <workdir>/eval/<name>)"
+    ),
+    config: str | None = typer.Option(
+        None, "--config", "-c", help=CONFIG_HELP + " (default: the checkpoint's config.yaml, else demo)"
+    ),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (see evaluate.*)"),
 ) -> None:
     """Score frozen embeddings with the evaluation protocols (and baselines) and log everything to MLflow."""
-    from distseg.eval.evaluate import EvaluationError, evaluate as run_evaluate
+    from distseg.eval.evaluate import EvaluationError
+    from distseg.eval.evaluate import evaluate as run_evaluate
+    from distseg.eval.summary import summary_lines
 
     if config is None:
-        config = str(Path(checkpoint) / "config.yaml") if checkpoint and (Path(checkpoint) / "config.yaml").is_file() else "demo"
+        config = (
+            str(Path(checkpoint) / "config.yaml")
+            if checkpoint and (Path(checkpoint) / "config.yaml").is_file()
+            else "demo"
+        )
     extra = []
     if data:
         extra.append(f"evaluate.data={data}")
@@ -141,28 +169,17 @@ def evaluate(
     except (EvaluationError, FileNotFoundError) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(1) from None
+    from distseg.cluster import shutdown_ray
+
+    shutdown_ray()  # flush Ray's forwarded worker logs now, so the summary really is the last line
     for line in summary_lines(results):
         typer.echo(line)
     typer.echo(f"wrote {out}/metrics.json")
 
 
-def summary_lines(results: dict) -> list[str]:
-    """One line per protocol: its headline metric for every source, mean +- std over seeds."""
-    from distseg.eval.evaluate import headline
-
-    lines = []
-    for protocol in results["protocols"]:
-        parts = []
-        for source, res in results["sources"].items():
-            key, value = headline(protocol, res["metrics"])
-            if value is not None:
-                parts.append(f"{source} {value['mean']:.3f}" + (f" +- {value['std']:.3f}" if len(value["values"]) > 1 else ""))
-        if parts:
-            lines.append(f"{protocol}: {key} " + ", ".join(parts))
-    return lines
-
-
-edges_app = typer.Typer(help="The grouping primitive: train and evaluate edge detectors (BSDS500).", no_args_is_help=True)
+edges_app = typer.Typer(
+    help="The grouping primitive: train and evaluate edge detectors (BSDS500).", no_args_is_help=True
+)
 app.add_typer(edges_app, name="edges")
 
 
@@ -173,7 +190,7 @@ def edges_train(
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (see edge_train.*)"),
 ) -> None:
     """Train the learned edge network from scratch on BSDS500 train+val with Ray Train."""
-    from distseg.grouping.edge_training import train_edges
+    from distseg.train.edges import train_edges
 
     cfg = resolve(config, list(overrides or []) + [f"edge_train.data={data}"])
     weights = train_edges(cfg)
@@ -184,8 +201,12 @@ def edges_train(
 @edges_app.command("eval")
 def edges_eval(
     detector: str = typer.Option("learned", help="edge detector: learned | gradient | sed"),
-    weights: str | None = typer.Option(None, help="weights file (learned: default the shipped ones; sed: model.yml.gz)"),
-    data: Path = typer.Option(Path("../shared/data/bsds500"), help="BSDS500 root"),
+    weights: str | None = typer.Option(
+        None, help="weights file (learned: default the shipped ones; sed: model.yml.gz)"
+    ),
+    data: Path | None = typer.Option(
+        None, help="BSDS500 root (default: $DISTSEG_DATA_ROOT/bsds500, else ../shared/data/bsds500)"
+    ),
     split: str = typer.Option("test", help="BSDS split: train | val | test"),
     limit: int | None = typer.Option(None, help="only the first N images of the split"),
     out: Path = typer.Option(Path("outputs/edges/eval"), help="output folder: <id>.png UCMs (16-bit) and metrics.json"),
@@ -199,14 +220,26 @@ def edges_eval(
 
     extra = [f"edges.detector={detector}"] + ([f"edges.weights={weights}"] if weights else [])
     cfg = resolve(config, extra + list(overrides or []))
-    metrics = evaluate_grouping(cfg, data, split=split, out_dir=out, limit=limit, thresholds=thresholds, regions=regions)
+    if data is None:
+        from distseg.data import default_data_root
+
+        data = default_data_root() / "bsds500"
+    metrics = evaluate_grouping(
+        cfg, data, split=split, out_dir=out, limit=limit, thresholds=thresholds, regions=regions
+    )
     if "edges" in metrics:
         e = metrics["edges"]
         typer.echo(f"edges alone: ODS={e['ods_f']:.3f} OIS={e['ois_f']:.3f} AP={e['ap']:.3f}")
     u = metrics["ucm"]
     if "covering_ods" in u:
-        typer.echo(f"ucm regions: covering ODS={u['covering_ods']:.3f} OIS={u['covering_ois']:.3f} PRI={u['pri_ods']:.3f} VOI={u['voi_ods']:.3f}")
-    typer.echo(f"seconds/image: edges {metrics['edge_seconds_per_image']:.3f}, hierarchy {metrics['hierarchy_seconds_per_image']:.3f}; wrote {out}/")
+        typer.echo(
+            f"ucm regions: covering ODS={u['covering_ods']:.3f} OIS={u['covering_ois']:.3f} "
+            f"PRI={u['pri_ods']:.3f} VOI={u['voi_ods']:.3f}"
+        )
+    typer.echo(
+        f"seconds/image: edges {metrics['edge_seconds_per_image']:.3f}, "
+        f"hierarchy {metrics['hierarchy_seconds_per_image']:.3f}; wrote {out}/"
+    )
     typer.echo(f"ODS={u['ods_f']:.3f} OIS={u['ois_f']:.3f} AP={u['ap']:.3f}")
 
 

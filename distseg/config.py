@@ -1,9 +1,17 @@
 """Typed configs for every stage, loaded from shipped YAML by name or from a path, with dotted overrides.
 
-    cfg = load_config("demo", ["train.steps=200", "hierarchy.max_regions=30"])
+    cfg = load_config("demo", ["pretrain.steps=200", "hierarchy.max_regions=30"])
 
 Unknown keys and bad values raise `ConfigError` naming the dotted key, the value and what is allowed.
 A YAML file may start from another with `_base_: NAME_OR_PATH` (relative paths resolve beside it).
+
+The stage sections (data, mine, pretrain, evaluate, ...) are defined here. Components contribute their
+own sections: each registered method's params model is `losses.<method>`, each prior's is
+`priors.<prior>` (see `config_model`), and the model's section is `distseg.models.ModelConfig`. A
+config may name `plugins`: Python modules or .py files imported before validation (here and in every
+Ray worker), so a user's own method, prior, protocol or dataset registers without editing distseg.
+Every registry name a config uses (method, priors, edge detector, backbone, protocols, baselines,
+data source) is checked when the config is built, before any stage starts Ray.
 """
 
 from __future__ import annotations
@@ -15,15 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
+
+from distseg.core.registry import Registry
+from distseg.core.section import Section
+from distseg.models.config import ModelConfig
 
 
 class ConfigError(ValueError):
     """A config file, key or value that cannot be used; the message names the key."""
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class DataConfig(Section):
@@ -40,7 +48,9 @@ class DataConfig(Section):
 
 class EdgesConfig(Section):
     detector: str = Field("learned", description="edge detector by registry name: learned | gradient | sed")
-    weights: str | None = Field(None, description="learned: weights file (default: the shipped ones); sed: model.yml.gz")
+    weights: str | None = Field(
+        None, description="learned: weights file (default: the shipped ones); sed: model.yml.gz"
+    )
     scales: list[float] = Field([1.0], min_length=1, description="multi-scale inference: image scale factors")
 
 
@@ -51,7 +61,10 @@ class HierarchyConfig(Section):
 class EdgeTrainConfig(Section):
     """`distseg edges train`: the learned edge network on BSDS500 (human boundaries as supervision)."""
 
-    data: str = Field("../shared/data/bsds500", description="BSDS500 root (images/, groundTruth/)")
+    data: str | None = Field(
+        None,
+        description="BSDS500 root (images/, groundTruth/); default: $DISTSEG_DATA_ROOT/bsds500",
+    )
     splits: list[str] = Field(["train", "val"], min_length=1, description="BSDS splits to train on")
     steps: int = Field(6000, ge=1, description="optimizer steps (all workers together)")
     batch_size: int = Field(8, ge=1, description="crops per step per worker")
@@ -66,32 +79,9 @@ class EdgeTrainConfig(Section):
     use_gpu: bool = Field(False, description="one GPU per worker (AMP on)")
     log_every: int = Field(50, ge=1, description="steps between metric reports")
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints (all kept: an ODS-vs-time curve)")
-    max_failures: int = Field(2, ge=0, description="worker failures to recover from (restarts from the last checkpoint)")
-
-
-class FelzenszwalbConfig(Section):
-    sigma: float = Field(0.8, ge=0, description="Gaussian smoothing before segmentation")
-    k: float = Field(300.0, gt=0, description="scale: larger k -> larger segments")
-    min_size: int = Field(50, ge=1, description="minimum segment size in pixels")
-    max_regions: int = Field(200, ge=2, le=255, description="bound on segments: min_size >= area / max_regions")
-
-
-class SlicConfig(Section):
-    num_regions: int = Field(100, ge=2, le=255, description="target number of superpixels")
-    ruler: float = Field(10.0, gt=0, description="SLICO smoothness")
-    iterations: int = Field(10, ge=1, description="SLIC iterations")
-
-
-class SaliencyConfig(Section):
-    method: str = Field("spectral_residual", pattern="^(spectral_residual|fine_grained)$", description="OpenCV static saliency")
-    min_component: float = Field(0.01, ge=0, lt=1, description="drop foreground components below this fraction of the image")
-    min_area: float = Field(0.02, ge=0, lt=1, description="no mask when the foreground covers less than this fraction")
-
-
-class PriorsConfig(Section):
-    felzenszwalb: FelzenszwalbConfig = FelzenszwalbConfig()
-    slic: SlicConfig = SlicConfig()
-    saliency: SaliencyConfig = SaliencyConfig()
+    max_failures: int = Field(
+        2, ge=0, description="worker failures to recover from (restarts from the last checkpoint)"
+    )
 
 
 class MineConfig(Section):
@@ -106,60 +96,20 @@ class MineConfig(Section):
     rows_per_shard: int = Field(256, ge=1, description="images per Parquet shard (at least; the last may be smaller)")
     retry_errors: bool = Field(False, description="on a rerun, retry images in the errors table")
     max_restarts: int = Field(10, ge=0, description="restarts of a worker whose process dies (native crash); bounded")
-    crash_limit: int = Field(2, ge=1, description="an image that killed its worker this many times goes to the errors table")
+    crash_limit: int = Field(
+        2, ge=1, description="an image that killed its worker this many times goes to the errors table"
+    )
     extensions: list[str] = Field(
         ["jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff"], min_length=1, description="image file extensions"
     )
 
 
-class ModelConfig(Section):
-    """The hypercolumn embedding network (Zhang & Maire): backbone Res3 + Res4 -> D-dim unit vectors."""
-
-    backbone: str = Field("resnet18", description="resnet18 | resnet34 | resnet50 | resnet101 | timm:<model name>")
-    embed_dim: int = Field(32, ge=2, description="embedding dimension D")
-    head_channels: int = Field(256, ge=8, description="channels of each Res3/Res4 projection")
-    weights: str | None = Field(None, description="backbone init: a local state-dict file (default: random init)")
-    init_from: str | None = Field(
-        None, description="whole-network init: a distseg checkpoint folder (or its model.pt) of the same architecture"
-    )
-
-
-class HiergroupLoss(Section):
-    sigma_p: float = Field(0.8, gt=0, description="temperature of the positive-sampling probability (Eq. 2)")
-    temperature: float = Field(0.3, gt=0, description="contrastive temperature (Eq. 1)")
-    regions_per_image: int = Field(7, ge=1, description="anchor regions sampled per image")
-    num_pos: int = Field(10, ge=1, description="positives per anchor pixel")
-    num_neg: int = Field(5, ge=1, description="negatives per anchor pixel (within the image)")
-    cns: int = Field(5, ge=0, description="cross-image negatives per anchor pixel")
-
-
-class ConceptsLoss(Section):
-    kappa: float = Field(10.0, gt=0, description="concentration of the pixel-to-segment contrast L_s")
-    num_concepts: int = Field(512, ge=2, description="concept dictionary size K")
-    beta: float = Field(0.5, ge=0, description="VQ commitment weight")
-    lambda_s: float = Field(1.0, ge=0, description="weight of L_s")
-    lambda_v: float = Field(2.0, ge=0, description="weight of L_v")
-    lambda_c: float = Field(1.0, ge=0, description="weight of L_c")
-    bank_batches: int = Field(2, ge=0, description="memory bank: segment embeddings of this many past batches")
-
-
-class MaskContrastLoss(Section):
-    temperature: float = Field(0.5, gt=0, description="contrastive temperature tau")
-    queue_size: int = Field(128, ge=1, description="queue of past mask prototypes K")
-    momentum: float = Field(0.999, ge=0, lt=1, description="momentum m of the key encoder")
-    saliency_weight: float = Field(1.0, ge=0, description="weight of the saliency head's balanced BCE (0: contrast only)")
-
-
-class LossesConfig(Section):
-    hiergroup: HiergroupLoss = HiergroupLoss()
-    concepts: ConceptsLoss = ConceptsLoss()
-    maskcontrast: MaskContrastLoss = MaskContrastLoss()
-
-
 class PretrainConfig(Section):
     """`distseg pretrain`: pixel embeddings from grouping shards with Ray Train."""
 
-    method: str = Field("hiergroup", description="loss by registry name: hiergroup | concepts | maskcontrast")
+    method: str = Field(
+        "hiergroup", description="method by registry name (distseg.methods): hiergroup | concepts | maskcontrast"
+    )
     prior: str = Field("ucm", description="the shard prior column giving the segments (saliency for maskcontrast)")
     data: str | None = Field(None, description="shards folder (mine's output); none: mine the synthetic set first")
     steps: int = Field(2000, ge=1, description="optimizer steps")
@@ -172,7 +122,9 @@ class PretrainConfig(Section):
     lr: float = Field(1e-2, gt=0, description="peak learning rate")
     weight_decay: float = Field(1e-4, ge=0, description="weight decay")
     schedule: str = Field("step", pattern="^(step|poly|cosine|constant)$", description="learning-rate schedule")
-    step_milestones: list[float] = Field([0.6, 0.85], description="step schedule: fractions of the run where lr *= gamma")
+    step_milestones: list[float] = Field(
+        [0.6, 0.85], description="step schedule: fractions of the run where lr *= gamma"
+    )
     step_gamma: float = Field(0.1, gt=0, le=1, description="step schedule: decay factor")
     poly_power: float = Field(0.9, gt=0, description="poly schedule: lr * (1 - t/T)^power")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
@@ -180,9 +132,13 @@ class PretrainConfig(Section):
     cpus_per_worker: int = Field(1, ge=1, description="CPUs (and torch threads) per worker")
     use_gpu: bool = Field(False, description="one GPU per worker (AMP and channels_last on)")
     shuffle_buffer: int = Field(
-        256, ge=0, description="rows mixed by each worker's local shuffle buffer (0: shard order; files are always shuffled)"
+        256,
+        ge=0,
+        description="rows mixed by each worker's local shuffle buffer (0: shard order; files are always shuffled)",
     )
-    ingest: str = Field("ray_data", pattern="^(ray_data|memory)$", description="ray_data streaming | memory (benchmark baseline)")
+    ingest: str = Field(
+        "ray_data", pattern="^(ray_data|memory)$", description="ray_data streaming | memory (benchmark baseline)"
+    )
     log_every: int = Field(10, ge=1, description="steps between metric reports")
     checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")
     num_to_keep: int | None = Field(3, ge=1, description="checkpoints kept (null: all)")
@@ -192,18 +148,27 @@ class PretrainConfig(Section):
 class EvaluateConfig(Section):
     """`distseg evaluate`: protocols on frozen embeddings of a checkpoint and of baselines."""
 
-    data: str = Field("synthetic", description="msrc | davis | synthetic | folder:PATH (labels needed except for davis)")
+    data: str = Field(
+        "synthetic", description="msrc | davis | synthetic | folder:PATH (labels needed except for davis)"
+    )
     root: str | None = Field(None, description="dataset root (default: $DISTSEG_DATA_ROOT or ../shared/data/<name>)")
-    protocols: list[str] = Field(["linear", "kmeans", "knn", "retrieval"], min_length=1,
-                                 description="linear, kmeans, knn, retrieval, davis, purity")  # fmt: skip
+    protocols: list[str] = Field(
+        ["linear", "kmeans", "knn", "retrieval"],
+        min_length=1,
+        description="linear, kmeans, knn, retrieval, davis, purity",
+    )
     train_split: str = Field("train", description="split whose features train the probe / give kNN prototypes")
     eval_split: str = Field("val", description="split that is scored")
     limit: int | None = Field(None, ge=1, description="only the first N images of each split (quick runs)")
-    image_size: int | None = Field(320, ge=16, description="resize so the longer side is this before extracting features")
+    image_size: int | None = Field(
+        320, ge=16, description="resize so the longer side is this before extracting features"
+    )
     seeds: int = Field(1, ge=1, description="rerun the stochastic protocols with this many seeds (mean +- std)")
     baselines: list[str] = Field([], description="also score these feature sources: random, rgbxy")
     num_examples: int = Field(4, ge=0, description="example pictures (PCA, segmentations) logged per source")
-    protocol_args: dict[str, dict] = Field({}, description="extra keyword arguments per protocol, e.g. {linear: {head: aspp}}")
+    protocol_args: dict[str, dict] = Field(
+        {}, description="extra keyword arguments per protocol, e.g. {linear: {head: aspp}}"
+    )
     davis_max_frames: int | None = Field(None, ge=2, description="davis: only the first N frames of each sequence")
     davis_image_size: int | None = Field(
         480, ge=16, description="davis: longer side of the frames before extracting features (null: native 854)"
@@ -221,24 +186,137 @@ class RayConfig(Section):
 
 
 class Config(Section):
+    """The whole config. `priors` and `losses` are filled in by `config_model()` from the registries."""
+
+    plugins: list[str] = Field([], description="modules or .py files to import first (they register components)")
     name: str = Field("run", description="run name (MLflow run, output subfolders)")
     workdir: str = Field("outputs", description="where outputs, mlflow.db and mlartifacts go")
     seed: int = Field(0, description="global random seed")
     data: DataConfig = DataConfig()
     edges: EdgesConfig = EdgesConfig()
     hierarchy: HierarchyConfig = HierarchyConfig()
-    priors: PriorsConfig = PriorsConfig()
+    priors: Section = Section()
     mine: MineConfig = MineConfig()
     edge_train: EdgeTrainConfig = EdgeTrainConfig()
     model: ModelConfig = ModelConfig()
-    losses: LossesConfig = LossesConfig()
+    losses: Section = Section()
     pretrain: PretrainConfig = PretrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
 
+    @model_validator(mode="after")
+    def _check_names(self) -> Config:
+        """Every component name the config uses exists (a typo fails here, before Ray or mining starts).
+
+        Evaluation protocols, their arguments and baselines are checked by `distseg.eval.evaluate`
+        first thing, before it reads data or starts Ray (the eval registries are heavy to import)."""
+        checks = [
+            ("pretrain.method", [self.pretrain.method], _registry("methods")),
+            ("pretrain.prior", [self.pretrain.prior], _registry("priors")),
+            ("mine.priors", self.mine.priors, _registry("priors")),
+            ("edges.detector", [self.edges.detector], _registry("edges")),
+        ]
+        if not self.model.backbone.startswith("timm:"):
+            checks.append(("model.backbone", [self.model.backbone], _registry("backbones")))
+        for key, names, registry in checks:
+            for name in names:
+                if name not in registry:
+                    known = ", ".join(sorted(registry))
+                    raise ValueError(f"{key}: unknown name {name!r} (known: {known})")
+        return self
+
 
 CONFIG_PACKAGE = "distseg.configs"
+
+# registry name -> (module, attribute); imported on first use so `distseg --help` stays fast. None of
+# these modules imports distseg.config, so the import graph has no cycle.
+_REGISTRIES = {
+    "methods": ("distseg.methods", "METHODS"),
+    "priors": ("distseg.grouping.priors", "PRIORS"),
+    "edges": ("distseg.grouping.edges", "EDGE_DETECTORS"),
+    "backbones": ("distseg.models.backbones", "BACKBONES"),
+}
+_MODELS: dict[tuple, type[Config]] = {}
+
+
+def _registry(kind: str) -> Registry:
+    import importlib
+
+    module, attr = _REGISTRIES[kind]
+    return getattr(importlib.import_module(module), attr)
+
+
+def _params_section(title: str, registry: Registry, doc: str) -> type[Section]:
+    fields = {}
+    for name in registry.list():
+        params = registry.params(name)
+        if params is not None:
+            fields[name] = (
+                params,
+                Field(default_factory=params, description=f"settings of the {registry.kind} {name!r}"),
+            )
+    return create_model(title, __base__=Section, __doc__=doc, **fields)
+
+
+def config_model() -> type[Config]:
+    """The Config class for the components registered now: `priors.<name>` and `losses.<method>` come
+    from the params models of the registered priors and methods (rebuilt when a registration changes)."""
+    priors, methods = _registry("priors"), _registry("methods")
+    key = tuple((r.kind, n, id(r.params(n))) for r in (priors, methods) for n in r.list())
+    if key not in _MODELS:
+        _MODELS[key] = create_model(
+            "Config",
+            __base__=Config,
+            priors=(
+                section := _params_section("PriorsConfig", priors, "Settings per prior."),
+                Field(default_factory=section),
+            ),
+            losses=(
+                section := _params_section("LossesConfig", methods, "Settings per method."),
+                Field(default_factory=section),
+            ),
+        )
+    return _MODELS[key]
+
+
+def import_plugins(plugins: list[str]) -> list[str]:
+    """Import each plugin (a module name, or a .py file path) once, so its registrations take effect.
+
+    Returns the list with file paths made absolute: Ray workers run in another working directory."""
+    import hashlib
+    import importlib
+    import importlib.util
+    import sys
+
+    resolved = []
+    for plugin in plugins:
+        if not isinstance(plugin, str) or not plugin:
+            raise ConfigError(f"plugins: each entry is a module name or a .py path, got {plugin!r}")
+        if plugin.endswith(".py"):
+            path = Path(plugin).resolve()
+            resolved.append(str(path))
+            digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+            name = f"distseg_plugin_{path.stem}_{digest}"  # the same in every process
+            if name in sys.modules:
+                continue
+            if not path.is_file():
+                raise ConfigError(f"plugins: file not found: {plugin}")
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except Exception as e:
+                del sys.modules[name]
+                raise ConfigError(f"plugins: importing {plugin} failed: {type(e).__name__}: {e}") from e
+        else:
+            resolved.append(plugin)
+            try:
+                importlib.import_module(plugin)
+            except ImportError as e:
+                raise ConfigError(f"plugins: cannot import module {plugin!r}: {e}") from e
+    return resolved
 
 
 def shipped_configs() -> list[str]:
@@ -258,6 +336,14 @@ def _read_yaml(name_or_path: str | Path, seen: tuple[str, ...] = ()) -> dict[str
     if not isinstance(data, dict):
         raise ConfigError(f"config {where}: top level must be a mapping, got {type(data).__name__}")
     base = data.pop("_base_", None)
+    if isinstance(data.get("plugins"), list) and Path(where).exists():  # plugin files resolve beside the YAML
+        here = Path(where).parent
+        data["plugins"] = [
+            str(here / p)
+            if isinstance(p, str) and p.endswith(".py") and not Path(p).is_absolute() and (here / p).is_file()
+            else p
+            for p in data["plugins"]
+        ]
     if base is None:
         return data
     if not isinstance(base, str):
@@ -311,13 +397,14 @@ def _check_key(model: type[BaseModel], dotted: str) -> None:
         if part not in fields:
             where = ".".join(parts[:i]) or "the config"
             raise ConfigError(
-                f"unknown config key {dotted!r}: {part!r} is not a key of {where} "
-                f"(allowed: {', '.join(fields)})"
+                f"unknown config key {dotted!r}: {part!r} is not a key of {where} (allowed: {', '.join(fields)})"
             )
         inner = _section_type(fields[part].annotation)
         if inner is None:
             if i != len(parts) - 1:
-                raise ConfigError(f"unknown config key {dotted!r}: {'.'.join(parts[: i + 1])!r} is a value, not a section")
+                raise ConfigError(
+                    f"unknown config key {dotted!r}: {'.'.join(parts[: i + 1])!r} is a value, not a section"
+                )
             return
         model = inner
     raise ConfigError(f"config key {dotted!r} is a section; set one of its keys ({', '.join(model.model_fields)})")
@@ -336,8 +423,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def apply_overrides(data: dict, overrides: list[str], model: type[BaseModel] = Config) -> dict:
+def apply_overrides(data: dict, overrides: list[str], model: type[BaseModel] | None = None) -> dict:
     data = _merge({}, data)
+    for text in overrides:  # plugins first: they may add the sections other overrides name
+        key, value = parse_override(text)
+        if key == "plugins":
+            import_plugins(value if isinstance(value, list) else [value])
+    model = model or config_model()
     for text in overrides:
         key, value = parse_override(text)
         _check_key(model, key)
@@ -355,8 +447,10 @@ def _format_validation(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            parent = Config
+        if not key:  # a whole-config check (registry names): its message names the key
+            lines.append(str(e["msg"]).removeprefix("Value error, "))
+        elif e["type"] == "extra_forbidden":
+            parent = config_model()
             for part in e["loc"][:-1]:
                 parent = _section_type(parent.model_fields[str(part)].annotation) or parent
             lines.append(f"unknown config key {key!r} (allowed: {', '.join(parent.model_fields)})")
@@ -366,15 +460,21 @@ def _format_validation(err: ValidationError, source: str) -> str:
 
 
 def build_config(data: dict, source: str = "<dict>") -> Config:
+    if isinstance(data, dict) and data.get("plugins"):
+        plugins = data["plugins"]
+        data = {**data, "plugins": import_plugins(plugins if isinstance(plugins, list) else [plugins])}
     try:
-        return Config.model_validate(data)
+        return config_model().model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation(e, source)) from None
 
 
 def load_config(name_or_path: str | Path = "demo", overrides: list[str] | None = None) -> Config:
     """Load a shipped config by name or a YAML file by path, then apply dotted overrides."""
-    data = apply_overrides(_read_yaml(name_or_path), list(overrides or []))
+    data = _read_yaml(name_or_path)
+    if isinstance(data.get("plugins"), list):
+        data["plugins"] = import_plugins(data["plugins"])
+    data = apply_overrides(data, list(overrides or []))
     return build_config(data, str(name_or_path))
 
 
@@ -392,4 +492,3 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[dotted] = value
     return out
-

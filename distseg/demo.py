@@ -46,11 +46,14 @@ def run_demo(cfg: Config) -> dict:
         tracker.log_metrics(metrics)
         tracker.log_image(sheet, "synthetic_examples.png")
         data_run = tracker.run_id
-    print(f"generated {len(samples)} synthetic scenes ({dataset.num_classes} classes) in {metrics['generate_seconds']:.1f} s")
+    print(
+        f"generated {len(samples)} synthetic scenes ({dataset.num_classes} classes) "
+        f"in {metrics['generate_seconds']:.1f} s"
+    )
 
-    from distseg.cli import summary_lines
     from distseg.cluster import shutdown_ray
     from distseg.eval.evaluate import evaluate
+    from distseg.eval.summary import summary_lines
     from distseg.train.pretrain import pretrain
 
     t1 = time.perf_counter()
@@ -60,14 +63,25 @@ def run_demo(cfg: Config) -> dict:
     t2 = time.perf_counter()
     scores = evaluate(cfg, str(result.checkpoint), workdir / "eval")
     metrics["evaluate_seconds"] = time.perf_counter() - t2
-    summary = {"data_run_id": data_run, "pretrain_run_id": result.run_id, "checkpoint": str(result.checkpoint), **metrics,
-               "scores": {s: r["metrics"] for s, r in scores["sources"].items()}}  # fmt: skip
+    summary = {
+        "data_run_id": data_run,
+        "pretrain_run_id": result.run_id,
+        "checkpoint": str(result.checkpoint),
+        **metrics,
+        "scores": {s: r["metrics"] for s, r in scores["sources"].items()},
+    }
     (workdir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
 
-    print(f"demo done in {time.perf_counter() - t0:.0f} s (pretrain {metrics['pretrain_seconds']:.0f} s, evaluate {metrics['evaluate_seconds']:.0f} s)")
+    print(
+        f"demo done in {time.perf_counter() - t0:.0f} s "
+        f"(pretrain {metrics['pretrain_seconds']:.0f} s, evaluate {metrics['evaluate_seconds']:.0f} s)"
+    )
     for line in summary_lines(scores):
         print(line)
     print(f"checkpoint: {result.checkpoint}; metrics: {workdir / 'eval' / 'metrics.json'}")
-    print(f"MLflow: experiment '{cfg.tracking.experiment}' in {tracking_uri(cfg.workdir, cfg.tracking.uri)} (pretraining run {result.run_id}, evaluations nested under it)")
+    print(
+        f"MLflow: experiment '{cfg.tracking.experiment}' in {tracking_uri(cfg.workdir, cfg.tracking.uri)} "
+        f"(pretraining run {result.run_id}, evaluations nested under it)"
+    )
     print(f"open the MLflow UI: {ui_command(cfg)}  ->  http://127.0.0.1:5000")
     return summary

@@ -5,6 +5,9 @@ Columns: `image_id`, `uri`, `height`, `width`, `image` (encoded bytes of the pos
 `regions` (PNG of the uint8 leaf-label map), `region_dist` (flattened K x K float32 tree distances),
 `ucm` (PNG of the contour map quantised to 8 bits) and `masks` (COCO RLE, score, label). The schema
 version and the config hash go into the Parquet file metadata.
+
+Only the grouping value types (distseg.grouping.types) are imported, never the priors: reading shards
+needs no higra, torch or config.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ import numpy as np
 import pyarrow as pa
 from pycocotools import mask as coco_mask
 
-from distseg.grouping.priors import Mask, PriorOutput
+from distseg.core.constants import SHARD_SCHEMA_VERSION
+from distseg.grouping.types import Mask, PriorOutput
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = SHARD_SCHEMA_VERSION  # kept under this name: readers and tests import it from here
 META_VERSION = b"distseg.schema_version"
 META_CONFIG = b"distseg.config_hash"
 
@@ -96,7 +100,9 @@ def decode_masks(items: list[dict] | None, height: int, width: int) -> list[Mask
     masks = []
     for item in items or []:
         rle = {"size": [height, width], "counts": item["rle"]}
-        masks.append(Mask(mask=coco_mask.decode(rle).astype(bool), score=float(item["score"]), label=int(item["label"])))
+        masks.append(
+            Mask(mask=coco_mask.decode(rle).astype(bool), score=float(item["score"]), label=int(item["label"]))
+        )
     return masks
 
 
@@ -119,7 +125,9 @@ def decode_prior(value: dict | None, height: int, width: int) -> PriorOutput | N
         k = int(round(np.sqrt(len(dist))))
         dist = np.asarray(dist, np.float32).reshape(k, k)
     ucm = None if value.get("ucm") is None else decode_png(value["ucm"]).astype(np.float32) / 255.0
-    return PriorOutput(regions=regions, region_dist=dist, ucm=ucm, masks=decode_masks(value.get("masks"), height, width))
+    return PriorOutput(
+        regions=regions, region_dist=dist, ucm=ucm, masks=decode_masks(value.get("masks"), height, width)
+    )
 
 
 @dataclass

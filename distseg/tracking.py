@@ -55,7 +55,7 @@ class Tracker:
         self.client = _client(uri)
 
     @classmethod
-    def attach(cls, run_id: str, uri: str) -> "Tracker":
+    def attach(cls, run_id: str, uri: str) -> Tracker:
         return cls(run_id, uri)
 
     def log_params(self, params: Mapping[str, Any]) -> None:

@@ -32,8 +32,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/data/bsds500"), help="BSDS500 root")
     parser.add_argument("--split", default="test", help="BSDS split (the official numbers are on test)")
-    parser.add_argument("--detectors", default="learned,gradient",
-                        help="comma-separated edge detectors; NAME@S1+S2+... runs NAME at those image scales")
+    parser.add_argument(
+        "--detectors",
+        default="learned,gradient",
+        help="comma-separated edge detectors; NAME@S1+S2+... runs NAME at those image scales",
+    )
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
     parser.add_argument("--thresholds", type=int, default=99, help="benchmark thresholds (official: 99)")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmark_grouping"), help="output folder")
@@ -50,10 +53,30 @@ def main() -> None:
         m = evaluate_grouping(cfg, args.data, args.split, folder, args.limit, args.thresholds)
         edge_s, hier_s = m["edge_seconds_per_image"], m["hierarchy_seconds_per_image"]
         rows.append((f"{name} edges", m["edges"]["ods_f"], m["edges"]["ois_f"], m["edges"]["ap"], None, edge_s, None))
-        rows.append((f"{name} + UCM", m["ucm"]["ods_f"], m["ucm"]["ois_f"], m["ucm"]["ap"], m["ucm"]["covering_ods"], edge_s, hier_s))
+        rows.append(
+            (
+                f"{name} + UCM",
+                m["ucm"]["ods_f"],
+                m["ucm"]["ois_f"],
+                m["ucm"]["ap"],
+                m["ucm"]["covering_ods"],
+                edge_s,
+                hier_s,
+            )
+        )
     official = official_numbers(args.data)
     if official:
-        rows.append(("gPb-owt-ucm (official)", official["ods_f"], official["ois_f"], official["ap"], official["covering_ods"], None, None))
+        rows.append(
+            (
+                "gPb-owt-ucm (official)",
+                official["ods_f"],
+                official["ois_f"],
+                official["ap"],
+                official["covering_ods"],
+                None,
+                None,
+            )
+        )
 
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     n = args.limit or "all"

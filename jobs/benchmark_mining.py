@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from distseg.cluster import init_ray, shutdown_ray
 from distseg.config import load_config
 from distseg.data.bsds import BSDS500
-from distseg.mine import SHARDS, mine
+from distseg.mining import SHARDS, mine
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_SPEEDUP = 1.8
@@ -78,8 +78,12 @@ def column_bytes(shards: Path, priors: list[str]) -> dict:
     if not rows:
         raise RuntimeError(f"no rows in the shards under {shards}")
     per_image = {name: totals[name] / rows for name in sorted(totals)}
-    result = {"rows": rows, "file_bytes_per_image": file_bytes / rows, "columns": per_image,
-              "uncompressed_columns": {name: raw[name] / rows for name in sorted(raw)}}
+    result = {
+        "rows": rows,
+        "file_bytes_per_image": file_bytes / rows,
+        "columns": per_image,
+        "uncompressed_columns": {name: raw[name] / rows for name in sorted(raw)},
+    }
     for prior in priors:
         result[f"{prior}_total"] = sum(per_image.get(f"{prior}.{f}", 0.0) for f in PRIOR_FIELDS)
     return result
@@ -112,7 +116,9 @@ def run_once(cfg_name: str, overrides: list[str], workers: int, images: Path, ou
     busy = sum(w["busy_seconds"] for w in summary.workers)
     # each worker's own rate from its first image to its last, summed: the pool's rate with every worker
     # warm (a worker whose start-up ends late does not dilute it)
-    pool = sum(w["images"] / (w["last_end"] - w["first_begin"]) for w in summary.workers if w["last_end"] > w["first_begin"])
+    pool = sum(
+        w["images"] / (w["last_end"] - w["first_begin"]) for w in summary.workers if w["last_end"] > w["first_begin"]
+    )
     return {
         "workers": workers,
         "images": n,
@@ -175,20 +181,43 @@ def targets(result: dict) -> list[dict]:
     out = []
     if 1 in runs and 2 in runs:
         speedup = runs[2]["images_per_s"] / runs[1]["images_per_s"]
-        out.append({"name": "throughput 1 -> 2 workers", "value": f"{speedup:.2f}x", "target": f">= {TARGET_SPEEDUP}x",
-                    "pass": speedup >= TARGET_SPEEDUP})
+        out.append(
+            {
+                "name": "throughput 1 -> 2 workers",
+                "value": f"{speedup:.2f}x",
+                "target": f">= {TARGET_SPEEDUP}x",
+                "pass": speedup >= TARGET_SPEEDUP,
+            }
+        )
     best = min(r["s_per_image_core"] for r in result["runs"])
     ucm = "ucm" in result["priors"] and result["edges"] == "learned"
-    out.append({"name": "s/image/core, processing (best run)", "value": f"{best:.3f}",
-                "target": f"<= {TARGET_S_PER_IMAGE_CORE} (ucm, learned edges)",
-                "pass": best <= TARGET_S_PER_IMAGE_CORE if ucm else None})
+    out.append(
+        {
+            "name": "s/image/core, processing (best run)",
+            "value": f"{best:.3f}",
+            "target": f"<= {TARGET_S_PER_IMAGE_CORE} (ucm, learned edges)",
+            "pass": best <= TARGET_S_PER_IMAGE_CORE if ucm else None,
+        }
+    )
     wall = min(r["wall_s_per_image_core"] for r in result["runs"])
-    out.append({"name": "s/image/core, wall incl. actor start-up (best)", "value": f"{wall:.3f}",
-                "target": "(start-up amortises over large jobs)", "pass": None})
+    out.append(
+        {
+            "name": "s/image/core, wall incl. actor start-up (best)",
+            "value": f"{wall:.3f}",
+            "target": "(start-up amortises over large jobs)",
+            "pass": None,
+        }
+    )
     if "ucm" in result["priors"]:
         total = result["bytes"]["ucm_total"]
-        out.append({"name": "ucm columns per image", "value": f"{total / 1000:.1f} KB",
-                    "target": f"<= {TARGET_UCM_BYTES / 1000:.0f} KB", "pass": total <= TARGET_UCM_BYTES})
+        out.append(
+            {
+                "name": "ucm columns per image",
+                "value": f"{total / 1000:.1f} KB",
+                "target": f"<= {TARGET_UCM_BYTES / 1000:.0f} KB",
+                "pass": total <= TARGET_UCM_BYTES,
+            }
+        )
     return out
 
 
@@ -199,16 +228,36 @@ def log_to_mlflow(cfg_name: str, overrides: list[str], result: dict, out: Path) 
     with start_run(cfg, run_name="benchmark_mining", tags={"benchmark": "mining"}) as tracker:
         metrics = {}
         for r in result["runs"]:
-            for key in ("images_per_s", "s_per_image_core", "wall_s_per_image_core", "busy_s_per_image", "pool_images_per_s",
-                        "peak_rss_mb", "wall_s"):
+            for key in (
+                "images_per_s",
+                "s_per_image_core",
+                "wall_s_per_image_core",
+                "busy_s_per_image",
+                "pool_images_per_s",
+                "peak_rss_mb",
+                "wall_s",
+            ):
                 metrics[f"mine.w{r['workers']}.{key}"] = r[key]
         metrics.update({f"shard_bytes.{k}": v for k, v in result["bytes"]["columns"].items()})
         metrics.update({f"shard_bytes.{p}_total": result["bytes"][f"{p}_total"] for p in result["priors"]})
         tracker.log_metrics(metrics)
         runs = result["runs"]
-        tracker.log_table({k: [r[k] for r in runs] for k in ("workers", "images", "wall_s", "processing_s", "images_per_s",
-                                                               "s_per_image_core", "busy_s_per_image", "peak_rss_mb")},
-                          "benchmark_mining_runs.json")
+        tracker.log_table(
+            {
+                k: [r[k] for r in runs]
+                for k in (
+                    "workers",
+                    "images",
+                    "wall_s",
+                    "processing_s",
+                    "images_per_s",
+                    "s_per_image_core",
+                    "busy_s_per_image",
+                    "peak_rss_mb",
+                )
+            },
+            "benchmark_mining_runs.json",
+        )
         tracker.log_artifact(out / "benchmark.json")
         tracker.log_artifact(out / "benchmark.md")
         return tracker.run_id
@@ -216,20 +265,41 @@ def log_to_mlflow(cfg_name: str, overrides: list[str], result: dict, out: Path) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=REPO / "../shared/data/bsds500",
-                        help="BSDS500 root (images/<split>/*.jpg); default ../shared/data/bsds500 beside the repository")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=REPO / "../shared/data/bsds500",
+        help="BSDS500 root (images/<split>/*.jpg); default ../shared/data/bsds500 beside the repository",
+    )
     parser.add_argument("--split", default="test", help="BSDS split whose images are mined (default: test)")
     parser.add_argument("--limit", type=int, default=40, help="mine only the first N images of the split (default: 40)")
-    parser.add_argument("--workers", default="1,2", help="comma-separated worker (CPU) counts to compare (default: 1,2)")
+    parser.add_argument(
+        "--workers", default="1,2", help="comma-separated worker (CPU) counts to compare (default: 1,2)"
+    )
     parser.add_argument("--priors", default="ucm", help="comma-separated priors to mine (default: ucm)")
-    parser.add_argument("--config", default="hiergroup",
-                        help="config name or YAML path (default: hiergroup: learned edges, <= 40 regions)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/mining"),
-                        help="output folder: input/, shards_w<N>/, benchmark.json, benchmark.md")
-    parser.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=True,
-                        help="log the numbers and tables to MLflow (the config's tracking store)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False,
-                        help="show mine's progress (Ray Data bars, images/s lines) while benchmarking")
+    parser.add_argument(
+        "--config",
+        default="hiergroup",
+        help="config name or YAML path (default: hiergroup: learned edges, <= 40 regions)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("outputs/benchmarks/mining"),
+        help="output folder: input/, shards_w<N>/, benchmark.json, benchmark.md",
+    )
+    parser.add_argument(
+        "--mlflow",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="log the numbers and tables to MLflow (the config's tracking store)",
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="show mine's progress (Ray Data bars, images/s lines) while benchmarking",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE (e.g. mine.batch_size=4)")
     args = parser.parse_args()
 
@@ -260,7 +330,11 @@ def main() -> None:
         "images": len(ids),
         "priors": priors,
         "shapes": image_shapes(shards),
-        "machine": {"cpus": os.cpu_count(), "load_before": load_before, "load_after": [round(v, 2) for v in os.getloadavg()]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_before": load_before,
+            "load_after": [round(v, 2) for v in os.getloadavg()],
+        },
         "runs": runs,
         "bytes": column_bytes(shards, priors),
     }

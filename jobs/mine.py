@@ -1,4 +1,6 @@
-"""Mine grouping shards on a Ray cluster: `ray job submit --working-dir . -- python jobs/mine.py --input URI --output URI`.
+"""Mine grouping shards on a Ray cluster.
+
+    ray job submit --working-dir . -- python jobs/mine.py --input URI --output URI
 
 The same command as `distseg mine`; `ray job submit` sets RAY_ADDRESS, which the job joins.
 """

@@ -7,7 +7,7 @@ data is absent.  The other tests are self-contained.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +57,7 @@ def _load_prediction(fixtures: Path, kind: str, image_id: str):
     raise ValueError(kind)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _boundary_results(fixtures: Path, kind: str) -> tuple[dict, dict]:
     bench = BoundaryBenchmark(thresholds=5)
     for image_id in IDS:
@@ -69,7 +69,7 @@ def _boundary_results(fixtures: Path, kind: str) -> tuple[dict, dict]:
     return bench.evaluate(), bench.tables()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _region_results(fixtures: Path, kind: str) -> tuple[dict, dict]:
     bench = RegionBenchmark(thresholds=5)
     for image_id in IDS:
@@ -94,12 +94,8 @@ def _check_boundary(fixtures: Path, test: str, kind: str) -> None:
     scores, tables = _boundary_results(fixtures, kind)
     ours = np.array([[scores[k] for k in BDRY_KEYS]])
     np.testing.assert_allclose(ours, _official(fixtures, test, "eval_bdry.txt"), atol=TOL, rtol=0)
-    np.testing.assert_allclose(
-        tables["thr"], _official(fixtures, test, "eval_bdry_thr.txt"), atol=TOL, rtol=0
-    )
-    np.testing.assert_allclose(
-        tables["img"], _official(fixtures, test, "eval_bdry_img.txt"), atol=TOL, rtol=0
-    )
+    np.testing.assert_allclose(tables["thr"], _official(fixtures, test, "eval_bdry_thr.txt"), atol=TOL, rtol=0)
+    np.testing.assert_allclose(tables["img"], _official(fixtures, test, "eval_bdry_img.txt"), atol=TOL, rtol=0)
 
 
 def _check_region(fixtures: Path, test: str, kind: str) -> None:
@@ -107,18 +103,10 @@ def _check_region(fixtures: Path, test: str, kind: str) -> None:
     cover = np.array([[scores[k] for k in COVER_KEYS]])
     rivoi = np.array([[scores[k] for k in RIVOI_KEYS]])
     np.testing.assert_allclose(cover, _official(fixtures, test, "eval_cover.txt"), atol=TOL, rtol=0)
-    np.testing.assert_allclose(
-        rivoi, _official(fixtures, test, "eval_RI_VOI.txt"), atol=TOL, rtol=0
-    )
-    np.testing.assert_allclose(
-        tables["cover_th"], _official(fixtures, test, "eval_cover_th.txt"), atol=TOL, rtol=0
-    )
-    np.testing.assert_allclose(
-        tables["cover_img"], _official(fixtures, test, "eval_cover_img.txt"), atol=TOL, rtol=0
-    )
-    np.testing.assert_allclose(
-        tables["ri_voi_thr"], _official(fixtures, test, "eval_RI_VOI_thr.txt"), atol=TOL, rtol=0
-    )
+    np.testing.assert_allclose(rivoi, _official(fixtures, test, "eval_RI_VOI.txt"), atol=TOL, rtol=0)
+    np.testing.assert_allclose(tables["cover_th"], _official(fixtures, test, "eval_cover_th.txt"), atol=TOL, rtol=0)
+    np.testing.assert_allclose(tables["cover_img"], _official(fixtures, test, "eval_cover_img.txt"), atol=TOL, rtol=0)
+    np.testing.assert_allclose(tables["ri_voi_thr"], _official(fixtures, test, "eval_RI_VOI_thr.txt"), atol=TOL, rtol=0)
 
 
 def test_official_test_1_ucm2_all_benchmarks(fixtures: Path) -> None:
@@ -160,9 +148,7 @@ def test_official_test_1_exact_solver(fixtures: Path) -> None:
         )
     scores = bench.evaluate()
     ours = np.array([[scores[k] for k in BDRY_KEYS]])
-    np.testing.assert_allclose(
-        ours, _official(fixtures, "test_1", "eval_bdry.txt"), atol=TOL, rtol=0
-    )
+    np.testing.assert_allclose(ours, _official(fixtures, "test_1", "eval_bdry.txt"), atol=TOL, rtol=0)
     fast, _ = _boundary_results(fixtures, "ucm2")
     assert scores["ods_r"] == pytest.approx(fast["ods_r"], abs=1e-12)
     assert scores["ois_r"] == pytest.approx(fast["ois_r"], abs=1e-12)
@@ -184,9 +170,7 @@ def test_ucm2_inputs_and_pixel_resolution_ucm(fixtures: Path) -> None:
     segs, bdrys = load_bsds_ground_truth(fixtures / "groundTruth" / f"{image_id}.mat")
     pixel = ucm2_to_pixel(ucm2)
     assert pixel.shape == segs[0].shape
-    np.testing.assert_array_equal(
-        evaluate_boundaries_image(ucm2, bdrys, 5), evaluate_boundaries_image(pixel, bdrys, 5)
-    )
+    np.testing.assert_array_equal(evaluate_boundaries_image(ucm2, bdrys, 5), evaluate_boundaries_image(pixel, bdrys, 5))
     labels = ucm2_to_labels(ucm2, 0.5)
     assert labels.shape == segs[0].shape and labels.min() >= 1
     double = evaluate_regions_image(ucm2, segs, 5)

@@ -259,8 +259,9 @@ def _assert_consistent(sample: Sample) -> None:
 
 
 def _same(a: Sample, b: Sample) -> bool:
-    return a.id == b.id and all(np.array_equal(x, y) for x, y in
-                                [(a.image, b.image), (a.labels, b.labels), (a.instances, b.instances)])
+    return a.id == b.id and all(
+        np.array_equal(x, y) for x, y in [(a.image, b.image), (a.labels, b.labels), (a.instances, b.instances)]
+    )
 
 
 def test_synthetic_is_deterministic_and_random_access() -> None:

@@ -188,8 +188,14 @@ def reference_propagation(query, keys, labels, topk, temperature, radius, window
 
 @pytest.mark.parametrize(
     "h, w, radius, window",
-    [(13, 17, 3, "square"), (13, 17, 3, "disk"), (9, 30, 5, "square"), (10, 7, 0, "square"), (12, 12, 20, "square"),
-     (11, 14, None, "square")],
+    [
+        (13, 17, 3, "square"),
+        (13, 17, 3, "disk"),
+        (9, 30, 5, "square"),
+        (10, 7, 0, "square"),
+        (12, 12, 20, "square"),
+        (11, 14, None, "square"),
+    ],
 )
 def test_propagate_frame_matches_brute_force(h, w, radius, window):
     gen = torch.Generator().manual_seed(h * w)

@@ -127,7 +127,10 @@ def _free_port() -> int:
 
 def _reduce_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
         timeout=datetime.timedelta(seconds=60),
     )
     try:
@@ -145,9 +148,7 @@ def _reduce_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 def test_reduce_sums_over_two_gloo_processes(tmp_path):
     # fork, not spawn: the children inherit the imported torch instead of importing it again
     # (seconds each on a busy 2-core machine)
-    mp.start_processes(
-        _reduce_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork"
-    )
+    mp.start_processes(_reduce_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
     expected = np.array([[2, 0, 0], [0, 1, 1], [1, 0, 2]])
     for rank in range(2):
         np.testing.assert_array_equal(np.load(tmp_path / f"rank{rank}.npy"), expected)

@@ -12,11 +12,17 @@ from typer.testing import CliRunner
 
 from distseg.cli import app
 from distseg.config import load_config, to_yaml
-from distseg.losses import create_loss
+from distseg.methods import create_loss
 from distseg.models import create_model
 from distseg.tracking import start_run, tracking_uri
 
-SMALL = ["data.num_images=4", "data.image_size=48", "model.head_channels=8", "model.embed_dim=8", "evaluate.image_size=null"]
+SMALL = [
+    "data.num_images=4",
+    "data.image_size=48",
+    "model.head_channels=8",
+    "model.embed_dim=8",
+    "evaluate.image_size=null",
+]
 
 
 def make_checkpoint(folder: Path, workdir: Path, method: str = "hiergroup") -> tuple[Path, str]:
@@ -38,10 +44,25 @@ def make_checkpoint(folder: Path, workdir: Path, method: str = "hiergroup") -> t
 def test_evaluate_checkpoint_and_baseline_with_seeds(tmp_path):
     ckpt, parent = make_checkpoint(tmp_path / "ckpt", tmp_path)
     out = tmp_path / "eval"
-    result = CliRunner().invoke(app, [
-        "evaluate", "--checkpoint", str(ckpt), "--data", "synthetic", "--protocols", "kmeans,knn,retrieval,linear",
-        "--seeds", "2", "--baseline", "rgbxy", "--out", str(out), "evaluate.protocol_args={linear: {epochs: 3}}",
-    ])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--checkpoint",
+            str(ckpt),
+            "--data",
+            "synthetic",
+            "--protocols",
+            "kmeans,knn,retrieval,linear",
+            "--seeds",
+            "2",
+            "--baseline",
+            "rgbxy",
+            "--out",
+            str(out),
+            "evaluate.protocol_args={linear: {epochs: 3}}",
+        ],
+    )
     assert result.exit_code == 0, result.output
     lines = [line.split("\r")[-1].strip() for line in result.output.strip().splitlines()]  # drop progress bars
     assert lines[-1] == f"wrote {out}/metrics.json"
@@ -60,12 +81,19 @@ def test_evaluate_checkpoint_and_baseline_with_seeds(tmp_path):
     client = MlflowClient(tracking_uri(tmp_path))
     runs = client.search_runs([client.get_experiment_by_name("distseg-demo").experiment_id])
     evals = {r.info.run_name: r for r in runs if r.data.tags.get("stage") == "evaluate"}
-    assert set(evals) == {f"eval-{p}-{s}" for p in ("kmeans", "knn", "retrieval", "linear") for s in ("checkpoint", "rgbxy")}
+    assert set(evals) == {
+        f"eval-{p}-{s}" for p in ("kmeans", "knn", "retrieval", "linear") for s in ("checkpoint", "rgbxy")
+    }
     kmeans = evals["eval-kmeans-checkpoint"]
     assert kmeans.data.tags["mlflow.parentRunId"] == parent
     assert {"kmeans/miou", "kmeans/pixel_acc", "kmeans/miou_std"} <= set(kmeans.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(kmeans.info.run_id)}
-    assert {"kmeans_per_class_iou.json", "kmeans_confusion.png", "kmeans_examples.png", "embedding_pca.png"} <= artifacts
+    assert {
+        "kmeans_per_class_iou.json",
+        "kmeans_confusion.png",
+        "kmeans_examples.png",
+        "embedding_pca.png",
+    } <= artifacts
 
 
 def test_purity_needs_a_concepts_checkpoint(tmp_path):
@@ -85,7 +113,9 @@ def test_bad_requests_are_named(tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["evaluate", "--checkpoint", str(tmp_path / "none"), "--data", "synthetic"])
     assert result.exit_code == 1 and "no model.pt" in result.output
-    result = runner.invoke(app, ["evaluate", "--baseline", "rgbxy", "--protocols", "kmeans,bogus", f"workdir={tmp_path}"])
+    result = runner.invoke(
+        app, ["evaluate", "--baseline", "rgbxy", "--protocols", "kmeans,bogus", f"workdir={tmp_path}"]
+    )
     assert result.exit_code == 1 and "bogus" in result.output
     result = runner.invoke(app, ["evaluate", "--baseline", "rgbxy", "--data", "bsds", f"workdir={tmp_path}"])
     assert result.exit_code == 1 and "edges eval" in result.output
@@ -93,10 +123,24 @@ def test_bad_requests_are_named(tmp_path):
 
 def test_davis_protocol_on_real_frames(tmp_path, davis_root):
     out = tmp_path / "eval"
-    result = CliRunner().invoke(app, [
-        "evaluate", "--baseline", "rgbxy", "--data", "davis", "--protocols", "davis", "--out", str(out),
-        f"workdir={tmp_path}", f"evaluate.root={davis_root}", "evaluate.davis_max_frames=4", "evaluate.davis_image_size=160",
-    ])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--baseline",
+            "rgbxy",
+            "--data",
+            "davis",
+            "--protocols",
+            "davis",
+            "--out",
+            str(out),
+            f"workdir={tmp_path}",
+            f"evaluate.root={davis_root}",
+            "evaluate.davis_max_frames=4",
+            "evaluate.davis_image_size=160",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[-2].split("\r")[-1].strip().startswith("davis: JF_mean rgbxy ")
     results = json.loads((out / "metrics.json").read_text())

@@ -154,15 +154,28 @@ def test_edges_eval_cli_writes_ucms_and_metrics(bsds_root, tmp_path):
     from typer.testing import CliRunner
 
     from distseg.cli import app
-
     from distseg.cluster import shutdown_ray
 
     out = tmp_path / "eval"
     try:
         result = CliRunner().invoke(
             app,
-            ["edges", "eval", "--detector", "gradient", "--data", str(bsds_root), "--limit", "2", "--thresholds", "9",
-             "--out", str(out), "ray.num_cpus=2"],
+            [
+                "edges",
+                "eval",
+                "--detector",
+                "gradient",
+                "--data",
+                str(bsds_root),
+                "--limit",
+                "2",
+                "--thresholds",
+                "9",
+                "--out",
+                str(out),
+                "ray.num_cpus=2",
+                f"workdir={tmp_path / 'work'}",
+            ],
         )
     finally:
         shutdown_ray()
@@ -172,6 +185,13 @@ def test_edges_eval_cli_writes_ucms_and_metrics(bsds_root, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_images"] == 2 and 0.2 < metrics["ucm"]["ods_f"] < 1
     assert 0 < metrics["ucm"]["covering_ods"] <= 1 and "edges" in metrics
+    from mlflow.tracking import MlflowClient
+
+    from distseg.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(str(tmp_path / "work")))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.stage = 'edges.eval'")
+    assert len(runs) == 1 and runs[0].data.metrics["ucm.ods_f"] == metrics["ucm"]["ods_f"]
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 2
     ucm = cv2.imread(str(pngs[0]), cv2.IMREAD_UNCHANGED)

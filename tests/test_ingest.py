@@ -90,10 +90,14 @@ def test_repeats_come_back_only_after_every_other_image(tmp_path):
     dist = np.array([[0, 0.5], [0.5, 0]], np.float32)
     for part in range(2):
         records = [
-            GroupingRecord(f"img{i}", f"img{i}.png", np.broadcast_to(colours[i], (32, 32, 3)).copy(),
-                           {"ucm": PriorOutput(regions=regions, region_dist=dist)})
+            GroupingRecord(
+                f"img{i}",
+                f"img{i}.png",
+                np.broadcast_to(colours[i], (32, 32, 3)).copy(),
+                {"ucm": PriorOutput(regions=regions, region_dist=dist)},
+            )
             for i in range(6 * part, 6 * part + 6)
-        ]  # fmt: skip
+        ]
         pq.write_table(_table(records, ["ucm"]), tmp_path / f"part-{part}.parquet")
     cfg = PretrainConfig(prior="ucm", crop=32, crop_scale=(1.0, 1.0), color_jitter=0.0, max_regions=4, batch_size=4)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
@@ -110,7 +114,12 @@ def test_repeats_come_back_only_after_every_other_image(tmp_path):
 
 def test_too_many_regions_is_a_clear_error():
     image, seg = quadrant_image()
-    record = GroupingRecord("big", "big.png", image, {"ucm": PriorOutput(regions=seg.astype(np.uint8), region_dist=np.zeros((4, 4), np.float32))})
+    record = GroupingRecord(
+        "big",
+        "big.png",
+        image,
+        {"ucm": PriorOutput(regions=seg.astype(np.uint8), region_dist=np.zeros((4, 4), np.float32))},
+    )
     cfg = PretrainConfig(prior="ucm", crop=32, max_regions=2)
     with pytest.raises(IngestError, match="big: 4 regions > pretrain.max_regions=2"):
         MakePairs(cfg.model_dump(mode="json"))(_table([record], ["ucm"]))

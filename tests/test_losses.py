@@ -10,21 +10,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distseg.losses import LOSSES, create_loss, info_nce
-from distseg.losses.concepts import ConceptsLoss, segment_embeddings, vq_loss
-from distseg.losses.hiergroup import HierGroupLoss, pair_contrastive_loss, pair_probabilities, positive_probability
-from distseg.losses.maskcontrast import MaskContrastLoss, balanced_bce, enet_weights
+from distseg.config import load_config
+from distseg.losses import info_nce
+from distseg.methods import METHODS as LOSSES
+from distseg.methods import create_loss
+from distseg.methods.concepts import ConceptsLoss, segment_embeddings, vq_loss
+from distseg.methods.hiergroup import HierGroupLoss, pair_contrastive_loss, pair_probabilities, positive_probability
+from distseg.methods.maskcontrast import MaskContrastLoss, balanced_bce, enet_weights
 
-NAMES = ["hiergroup", "concepts", "maskcontrast"]
+NAMES = LOSSES.list()  # every registered method's loss gets the contract tests below
 D = 8
+SMALL = [f"model.embed_dim={D}", "losses.concepts.num_concepts=16", "losses.maskcontrast.queue_size=16"]
 
 
 def make(name: str, **kwargs) -> torch.nn.Module:
-    if name == "hiergroup":
-        return create_loss(name, **kwargs)
-    if name == "concepts":
-        return create_loss(name, **{"dim": D, "num_concepts": 16, **kwargs})
-    return create_loss(name, **{"dim": D, "queue_size": 16, **kwargs})
+    """The method's loss as its config section builds it (small sizes), with `kwargs` on top."""
+    method = LOSSES.get(name)(load_config("demo", SMALL))
+    return method.loss_class(**{**method.loss_kwargs(), **kwargs})
 
 
 def stripes(B: int = 2, h: int = 4, w: int = 6, regions: int = 3) -> torch.Tensor:
@@ -66,7 +68,7 @@ def run(loss_fn, emb1, emb2, seg1, seg2, dist, seed: int = 0) -> dict[str, torch
 
 
 def test_registry_creates_each_by_name():
-    assert set(NAMES) <= set(LOSSES)
+    assert {"hiergroup", "concepts", "maskcontrast"} <= set(LOSSES)
     assert isinstance(create_loss("hiergroup", sigma_p=0.5), HierGroupLoss)
     assert isinstance(create_loss("concepts", dim=4, num_concepts=3), ConceptsLoss)
     mc = create_loss("maskcontrast", dim=4)

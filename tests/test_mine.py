@@ -16,7 +16,7 @@ from PIL import Image
 
 from distseg.config import load_config
 from distseg.data.synthetic import make_scene
-from distseg.mine import MiningError, mine
+from distseg.mining import MiningError, mine
 from distseg.shards import decode_record
 
 PRIORS = "mine.priors=[ucm,felzenszwalb,slic,saliency]"
@@ -42,7 +42,8 @@ def crash_prior_hook():
 
             return prior
 
-        PRIORS["crash_test"] = crash_test
+        if "crash_test" not in PRIORS:
+            PRIORS.register("crash_test", crash_test)
 
     return register
 
@@ -51,7 +52,9 @@ def crash_prior_hook():
 def local_ray():
     hook = crash_prior_hook()
     hook()  # the driver validates prior names too
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", runtime_env={"worker_process_setup_hook": hook})
+    ray.init(
+        num_cpus=2, include_dashboard=False, logging_level="ERROR", runtime_env={"worker_process_setup_hook": hook}
+    )
     yield
     ray.shutdown()
 
@@ -76,7 +79,7 @@ def make_corpus(folder):
     ok["rgba"] = (64, 64)
     save("palette.png", Image.fromarray(scene(3)).convert("P"))
     ok["palette"] = (64, 64)
-    save("deep16.png", Image.fromarray((scene(4)[:, :, 0].astype(np.uint16) * 257)))
+    save("deep16.png", Image.fromarray(scene(4)[:, :, 0].astype(np.uint16) * 257))
     ok["deep16"] = (64, 64)
     save("one.png", Image.fromarray(np.zeros((1, 1, 3), np.uint8)))
     ok["one"] = (1, 1)
@@ -116,7 +119,16 @@ def read_errors(out):
 def test_bad_inputs_are_processed_or_recorded(tmp_path, local_ray):
     ok, bad = make_corpus(tmp_path / "in")
     out = tmp_path / "out"
-    cfg = load_config("demo", [PRIORS, "edges.detector=gradient", "mine.max_side=96", "mine.rows_per_shard=4"])
+    cfg = load_config(
+        "demo",
+        [
+            PRIORS,
+            "edges.detector=gradient",
+            "mine.max_side=96",
+            "mine.rows_per_shard=4",
+            f"workdir={tmp_path / 'work'}",
+        ],
+    )
     summary = mine(cfg, str(tmp_path / "in"), str(out), progress=False)
     assert (summary.mined, summary.errors, summary.new) == (len(ok), len(bad), len(ok) + len(bad))
     assert summary.crashed == 0 and summary.processing_seconds > 0
@@ -147,9 +159,22 @@ def test_bad_inputs_are_processed_or_recorded(tmp_path, local_ray):
     again = mine(cfg, str(tmp_path / "in"), str(out), progress=False)  # nothing left to do: no duplicates
     assert (again.new, again.skipped, again.mined, again.errors) == (0, len(ok) + len(bad), len(ok), len(bad))
     assert len(read_rows(out)) == len(ok)
+    from mlflow.tracking import MlflowClient
+
+    from distseg.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(cfg.workdir))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.stage = 'mine'")
+    assert sorted(r.data.metrics["rows"] for r in runs) == [len(ok), len(ok)]  # one MLflow run per call
 
     with pytest.raises(MiningError, match=r"corrupt\.png.*decode"):
-        mine(cfg.model_copy(update={"mine": cfg.mine.model_copy(update={"retry_errors": True})}), str(tmp_path / "in"), str(tmp_path / "ff"), fail_fast=True, progress=False)
+        mine(
+            cfg.model_copy(update={"mine": cfg.mine.model_copy(update={"retry_errors": True})}),
+            str(tmp_path / "in"),
+            str(tmp_path / "ff"),
+            fail_fast=True,
+            progress=False,
+        )
 
 
 def test_sigkill_midway_then_resume_gives_exactly_one_row_per_image(tmp_path):
@@ -159,8 +184,22 @@ def test_sigkill_midway_then_resume_gives_exactly_one_row_per_image(tmp_path):
     for i in range(n):
         Image.fromarray(scene(i, 96)).save(images / f"img{i:03d}.png")
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "distseg.cli", "mine", "--input", str(images), "--output", str(out),
-            "edges.detector=gradient", "mine.rows_per_shard=2", "mine.batch_size=1", "mine.num_actors=1", "ray.num_cpus=2"]
+    args = [
+        sys.executable,
+        "-m",
+        "distseg.cli",
+        "mine",
+        "--input",
+        str(images),
+        "--output",
+        str(out),
+        "edges.detector=gradient",
+        "mine.rows_per_shard=2",
+        "mine.batch_size=1",
+        "mine.num_actors=1",
+        "ray.num_cpus=2",
+        f"workdir={tmp_path / 'work'}",
+    ]
     proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     # one actor works through 4 blocks in turn: kill as soon as the first block's shard lands
@@ -186,7 +225,10 @@ def crash_corpus(folder):
     for i in range(4):
         Image.fromarray(scene(i, 32)).save(folder / f"ok{i}.png")
     Image.fromarray(scene(9, 32)[: CRASH_SHAPE[0], : CRASH_SHAPE[1]]).save(folder / "crash.png")
-    return load_config("demo", ["mine.priors=[crash_test]", "mine.num_actors=1", "mine.batch_size=1"])
+    return load_config(
+        "demo",
+        ["mine.priors=[crash_test]", "mine.num_actors=1", "mine.batch_size=1", f"workdir={folder.parent / 'work'}"],
+    )
 
 
 def test_image_that_crashes_its_worker_repeatedly_becomes_an_error_row(tmp_path, local_ray):

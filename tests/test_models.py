@@ -6,8 +6,9 @@ import pytest
 import torch
 import torchvision
 
+from distseg.checkpoint import load_embedding_model
 from distseg.config import ModelConfig, load_config, to_yaml
-from distseg.models import create_backbone, create_model, load_embedding_model
+from distseg.models import create_backbone, create_model
 
 
 @pytest.mark.parametrize("backbone, c3, c4", [("resnet18", 128, 256), ("resnet50", 512, 1024)])

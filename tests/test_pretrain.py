@@ -13,18 +13,26 @@ from pathlib import Path
 import pytest
 import torch
 
+from distseg.checkpoint import load_embedding_model
 from distseg.cluster import shutdown_ray
-from distseg.config import load_config
-from distseg.models import load_embedding_model
+from distseg.config import PretrainConfig, load_config
 from distseg.train.loop import lr_at
-from distseg.config import PretrainConfig
 
 TINY = [
-    "data.num_images=16", "data.image_size=64", "mine.max_side=64", "hierarchy.max_regions=12",
-    "model.head_channels=16", "model.embed_dim=8", "pretrain.batch_size=2", "pretrain.crop=48",
-    "pretrain.num_workers=2", "pretrain.cpus_per_worker=1", "pretrain.log_every=1", "ray.num_cpus=3",
+    "data.num_images=16",
+    "data.image_size=64",
+    "mine.max_side=64",
+    "hierarchy.max_regions=12",
+    "model.head_channels=16",
+    "model.embed_dim=8",
+    "pretrain.batch_size=2",
+    "pretrain.crop=48",
+    "pretrain.num_workers=2",
+    "pretrain.cpus_per_worker=1",
+    "pretrain.log_every=1",
+    "ray.num_cpus=3",
     "mine.priors=[ucm,saliency]",
-]  # fmt: skip
+]
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +79,9 @@ def test_mine_pretrain_two_workers_then_resume(tmp_path):
     assert loss_steps == [1, 2, 3, 4]
 
     # the same name with more steps resumes from step 4 (no step trained twice) in the same MLflow run
-    resumed = pretrain(tiny_config(tmp_path, "pretrain.steps=6", "pretrain.checkpoint_every=2", f"pretrain.data={shards}"))
+    resumed = pretrain(
+        tiny_config(tmp_path, "pretrain.steps=6", "pretrain.checkpoint_every=2", f"pretrain.data={shards}")
+    )
     assert resumed.run_id == first.run_id
     assert json.loads((resumed.checkpoint / "meta.json").read_text())["step"] == 6
     assert [s for s, _ in mlflow_metrics(cfg, first.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
@@ -79,10 +89,17 @@ def test_mine_pretrain_two_workers_then_resume(tmp_path):
         assert len(mlflow_metrics(cfg, first.run_id, key)) == 6
 
     # maskcontrast (key encoder, queue, saliency head all-reduced by hand) started from that checkpoint
-    mc = pretrain(tiny_config(
-        tmp_path, "name=mc", "pretrain.method=maskcontrast", "pretrain.prior=saliency", "pretrain.steps=2",
-        f"pretrain.data={shards}", f"model.init_from={resumed.checkpoint}",
-    ))  # fmt: skip
+    mc = pretrain(
+        tiny_config(
+            tmp_path,
+            "name=mc",
+            "pretrain.method=maskcontrast",
+            "pretrain.prior=saliency",
+            "pretrain.steps=2",
+            f"pretrain.data={shards}",
+            f"model.init_from={resumed.checkpoint}",
+        )
+    )
     assert mc.run_id != first.run_id
     assert json.loads((mc.checkpoint / "meta.json").read_text())["step"] == 2
     assert load_config(str(mc.checkpoint / "config.yaml")).model.init_from == str(resumed.checkpoint)
@@ -93,7 +110,9 @@ def test_mine_pretrain_two_workers_then_resume(tmp_path):
 
     # resuming that run with another loss is refused with a message naming the run and what to do
     with pytest.raises(Exception, match="run 'mc' cannot resume from .*different model, loss or optimizer"):
-        pretrain(tiny_config(tmp_path, "name=mc", "pretrain.steps=4", "pretrain.max_failures=0", f"pretrain.data={shards}"))
+        pretrain(
+            tiny_config(tmp_path, "name=mc", "pretrain.steps=4", "pretrain.max_failures=0", f"pretrain.data={shards}")
+        )
 
 
 def _train_worker_pids() -> list[int]:

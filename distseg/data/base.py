@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from distseg.core.registry import Registry
+
 
 @dataclass
 class Sample:
@@ -48,15 +50,26 @@ class Dataset:
 
 
 DatasetFactory = Callable[..., Dataset]
-DATASETS: dict[str, DatasetFactory] = {}
+# name -> reader class. Metadata (what open_dataset reads, so it keeps no per-reader lists):
+#   default_dir: the reader's folder under the data root ("msrc_v2"); opened as reader(root=..., split=...)
+#   builtin:     no files; opened as reader(split=...), `root` ignored
+#   path_arg:    the source names its own path, "name:PATH"; opened as reader(root=PATH); no splits
+#   takes:       option names only this reader uses (others drop them, as the config always carries them)
+DATASETS: Registry[DatasetFactory] = Registry("data source")
 
 
-def register_dataset(name: str) -> Callable[[DatasetFactory], DatasetFactory]:
-    def deco(factory: DatasetFactory) -> DatasetFactory:
-        DATASETS[name] = factory
-        return factory
-
-    return deco
+def register_dataset(
+    name: str,
+    *,
+    default_dir: str | None = None,
+    builtin: bool = False,
+    path_arg: bool = False,
+    takes: tuple[str, ...] = (),
+) -> Callable[[DatasetFactory], DatasetFactory]:
+    """Class decorator: the reader `name`, with where open_dataset finds its files (see DATASETS)."""
+    if sum((default_dir is not None, builtin, path_arg)) > 1:
+        raise ValueError(f"data source {name!r}: give at most one of default_dir, builtin, path_arg")
+    return DATASETS.register(name, default_dir=default_dir, builtin=builtin, path_arg=path_arg, takes=tuple(takes))
 
 
 def default_data_root() -> Path:

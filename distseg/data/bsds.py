@@ -26,8 +26,13 @@ import scipy.io
 from distseg.data.base import Dataset, Sample, register_dataset
 from distseg.data.imageio import read_image
 
-SPLITS = {"train": ("train",), "val": ("val",), "test": ("test",), "trainval": ("train", "val"),
-          "all": ("train", "val", "test")}
+SPLITS = {
+    "train": ("train",),
+    "val": ("val",),
+    "test": ("test",),
+    "trainval": ("train", "val"),
+    "all": ("train", "val", "test"),
+}
 
 
 def load_ground_truth(path: str | Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -43,7 +48,7 @@ def load_ground_truth(path: str | Path) -> tuple[list[np.ndarray], list[np.ndarr
     return segs, bdrys
 
 
-@register_dataset("bsds")
+@register_dataset("bsds", default_dir="bsds500")
 class BSDS500(Dataset):
     """BSDS500 images and their annotator segmentations (see the module docstring)."""
 

@@ -23,7 +23,7 @@ from distseg.data.base import Dataset, Sample, register_dataset
 from distseg.data.imageio import read_image, read_label_png
 
 
-@register_dataset("davis")
+@register_dataset("davis", default_dir="davis2016")
 class DAVIS2016(Dataset):
     """DAVIS 2016 frames with their object masks (see the module docstring)."""
 

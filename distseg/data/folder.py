@@ -54,7 +54,7 @@ def find_images(root: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> d
     return {image_id: root / rel for image_id, rel in assign_ids(rel_paths, extensions).items()}
 
 
-@register_dataset("folder")
+@register_dataset("folder", path_arg=True)
 class ImageFolder(Dataset):
     """Unlabelled images found recursively under `root` (see the module docstring for ids)."""
 
@@ -70,9 +70,7 @@ class ImageFolder(Dataset):
             raise FileNotFoundError(f"image folder {self.root} does not exist or is not a directory")
         paths = find_images(self.root, tuple(extensions))
         if not paths:
-            raise FileNotFoundError(
-                f"no images under {self.root} (looked recursively for .{', .'.join(extensions)})"
-            )
+            raise FileNotFoundError(f"no images under {self.root} (looked recursively for .{', .'.join(extensions)})")
         self._paths = dict(list(paths.items())[:limit]) if limit else paths
 
     def ids(self) -> list[str]:

@@ -20,8 +20,30 @@ from distseg.data.base import Dataset, Sample, register_dataset
 from distseg.data.imageio import read_image, read_label_png
 
 MSRC_CLASSES = [
-    "void", "building", "grass", "tree", "cow", "horse", "sheep", "sky", "mountain", "aeroplane", "water",
-    "face", "car", "bicycle", "flower", "sign", "bird", "book", "chair", "road", "cat", "dog", "body", "boat",
+    "void",
+    "building",
+    "grass",
+    "tree",
+    "cow",
+    "horse",
+    "sheep",
+    "sky",
+    "mountain",
+    "aeroplane",
+    "water",
+    "face",
+    "car",
+    "bicycle",
+    "flower",
+    "sign",
+    "bird",
+    "book",
+    "chair",
+    "road",
+    "cat",
+    "dog",
+    "body",
+    "boat",
 ]
 SPLITS = ("all", "train", "val")
 
@@ -31,7 +53,7 @@ def msrc_split(image_id: str) -> str:
     return "val" if int(hashlib.md5(image_id.encode("utf-8")).hexdigest(), 16) % 4 == 0 else "train"
 
 
-@register_dataset("msrc")
+@register_dataset("msrc", default_dir="msrc_v2")
 class MSRCv2(Dataset):
     """MSRC-v2 images with per-pixel class labels (see the module docstring)."""
 

@@ -165,8 +165,9 @@ def _render(
         # canvas pixel q -> image pixel rot @ (q - centre) + (cx, cy), relative to the box corner
         c = (obj.appearance.shape[0] - 1) / 2
         affine = np.hstack([rot, ((cx - x0, cy - y0) - rot @ (c, c))[:, None]])
-        tex = cv2.warpAffine(obj.appearance, affine, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR,
-                             borderMode=cv2.BORDER_REFLECT)
+        tex = cv2.warpAffine(
+            obj.appearance, affine, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT
+        )
         canvas[y0:y1, x0:x1][m] = tex[m]
         labels[y0:y1, x0:x1][m] = obj.cls
         instances[y0:y1, x0:x1][m] = k
@@ -176,8 +177,10 @@ def _render(
 
 
 def _objects_meta(objects: list[_Object], poses: list[tuple[float, float, float]]) -> list[dict]:
-    return [{"instance": k, "class": o.cls, "center": (float(p[0]), float(p[1])), "angle": float(p[2])}
-            for k, (o, p) in enumerate(zip(objects, poses), start=1)]
+    return [
+        {"instance": k, "class": o.cls, "center": (float(p[0]), float(p[1])), "angle": float(p[2])}
+        for k, (o, p) in enumerate(zip(objects, poses), start=1)
+    ]
 
 
 def make_scene(index: int, image_size: int = 128, seed: int = 0, split: str = "train") -> Sample:
@@ -195,7 +198,7 @@ def make_scene(index: int, image_size: int = 128, seed: int = 0, split: str = "t
     return Sample(id=f"synthetic/{split}/{index:05d}", image=image, labels=labels, instances=instances, meta=meta)
 
 
-@register_dataset("synthetic")
+@register_dataset("synthetic", builtin=True, takes=("num_images", "image_size", "seed"))
 class SyntheticScenes(Dataset):
     """`num_images` synthetic scenes of one split (any name; different names give unrelated scenes)."""
 

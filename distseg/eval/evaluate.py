@@ -1,49 +1,76 @@
 """`distseg evaluate`: every protocol on frozen features of a checkpoint and of baselines, into MLflow.
 
+The protocols come from the registry (`distseg.eval.protocols.PROTOCOLS`); what each needs is its
+registry metadata, not a list here: the train split (`needs_train`), several seeds (`stochastic`), the
+checkpoint's concept dictionary (`needs_concepts`: the checkpoint only), its own video data
+(`needs_video`), its `headline` metric and its `params` model, which checks `evaluate.protocol_args`.
+Everything that can be checked before work starts is, before any data is read or Ray starts: protocol
+names and arguments, baseline names, the checkpoint folder and concept dictionary.
+
 For each feature source (the checkpoint, then each baseline) the features of the train and eval
-splits are extracted once and fed to each protocol's evaluator (`reset/process/evaluate`); the
-stochastic protocols run once per seed and report mean +- std. Each (source, protocol) is an MLflow
-run nested under the checkpoint's pretraining run when that run is in the same store, with params,
-metrics, a per-class IoU table, a confusion-matrix picture, PCA pictures of the embeddings and
-example segmentations. `metrics.json` in the output folder holds every number.
+splits are extracted once, on a Ray Data actor pool (`distseg.eval.extract`), and fed to each
+protocol's evaluator (`reset/process/evaluate`); a video protocol gets its sequences' frames streamed
+from the pool in temporal order instead. Stochastic protocols run once per seed and report mean +-
+std. Each (source, protocol) is an MLflow run nested under the checkpoint's pretraining run when that
+run is in the same store, with params, metrics, a per-class IoU table, a confusion-matrix picture and
+example segmentations; the PCA picture of a source's embeddings is logged once, in its first protocol
+run on the eval split. `metrics.json` in the output folder holds every number.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
 
 from distseg.config import Config
-from distseg.eval.features import FeatureFn, create_features, pca_rgb
+from distseg.core.constants import IGNORE_INDEX
 
-STOCHASTIC = {"linear", "kmeans", "knn", "retrieval"}
-IGNORE = 255
+if TYPE_CHECKING:
+    from distseg.eval.protocols import ProtocolInfo
 
 
 @dataclass
 class LabeledSplit:
     ids: list[str]
     images: list[np.ndarray]
-    labels: list[np.ndarray]  # 0..C-1, IGNORE = void
+    labels: list[np.ndarray]  # 0..C-1, IGNORE_INDEX = void
+
+
+@dataclass(frozen=True)
+class ProtocolPlan:
+    """A requested protocol: its registry metadata and its checked constructor arguments."""
+
+    info: ProtocolInfo
+    kwargs: dict[str, Any]  # validated against info.params, defaults filled in
+    args: dict[str, Any]  # as given in evaluate.protocol_args (logged to MLflow)
+
+    @property
+    def name(self) -> str:
+        return self.info.name
 
 
 @dataclass
-class SourceResult:
-    metrics: dict[str, dict] = field(default_factory=dict)  # "kmeans/miou" -> {mean, std, values}
-    run_ids: dict[str, str] = field(default_factory=dict)
+class VideoSet:
+    """The frames a video protocol is fed: ids sequence by sequence, read by the actors from `spec`."""
+
+    spec: Any  # distseg.eval.extract.DataSpec
+    ids: list[str]
+    class_names: list[str]
 
 
 class EvaluationError(ValueError):
-    """Settings that cannot be evaluated (no labels, unknown protocol, missing checkpoint)."""
+    """Settings that cannot be evaluated (no labels, unknown protocol or argument, missing checkpoint)."""
 
 
-def class_space(dataset) -> tuple[list[str], callable]:
-    """(class names, label map -> 0..C-1 with void = IGNORE) for a labeled dataset."""
+def class_space(dataset) -> tuple[list[str], Callable[[np.ndarray], np.ndarray]]:
+    """(class names, label map -> 0..C-1 with void = IGNORE_INDEX) for a labeled dataset."""
     names = list(dataset.class_names)
     void = dataset.ignore_index
     if void is None:
@@ -51,11 +78,56 @@ def class_space(dataset) -> tuple[list[str], callable]:
     keep = [i for i in range(len(names)) if i != void]
 
     def remap(lab: np.ndarray) -> np.ndarray:
-        table = np.full(256, IGNORE, np.int64)
+        table = np.full(256, IGNORE_INDEX, np.int64)
         table[keep] = np.arange(len(keep))
         return table[lab.astype(np.int64).clip(0, 255)]
 
     return [names[i] for i in keep], remap
+
+
+def plan_protocols(cfg: Config) -> list[ProtocolPlan]:
+    """Each of evaluate.protocols with its checked arguments; EvaluationError names the bad name or key."""
+    from distseg.eval.protocols import PROTOCOLS, protocol_info, protocol_kwargs
+
+    ecfg = cfg.evaluate
+    unknown = [name for name in ecfg.protocol_args if name not in PROTOCOLS]
+    if unknown:
+        raise EvaluationError(
+            f"evaluate.protocol_args: unknown protocol(s) {unknown} (known: {', '.join(PROTOCOLS.list())})"
+        )
+    plans = []
+    for name in ecfg.protocols:
+        try:
+            info = protocol_info(name)
+        except (KeyError, ValueError) as e:
+            raise EvaluationError(f"evaluate.protocols: {e}") from None
+        args = dict(ecfg.protocol_args.get(name) or {})
+        try:
+            kwargs = protocol_kwargs(name, args)
+        except ValueError as e:
+            raise EvaluationError(f"evaluate.protocol_args: {e}") from None
+        plans.append(ProtocolPlan(info, kwargs, args))
+    return plans
+
+
+def feature_sources(cfg: Config, checkpoint: str | None, image_size: int | None) -> dict[str, dict]:
+    """Feature source name -> its create_features arguments: the checkpoint, then each baseline."""
+    from distseg.eval.features import FEATURES
+
+    sources: dict[str, dict] = {}
+    if checkpoint:
+        ckpt = Path(checkpoint)
+        if not (ckpt / "model.pt").is_file():
+            raise EvaluationError(f"checkpoint {ckpt}: no model.pt (pass a folder from `distseg pretrain`)")
+        sources["checkpoint"] = {"checkpoint": str(ckpt.resolve()), "image_size": image_size}
+    baselines = [name for name in FEATURES.list() if not FEATURES.meta(name).get("needs_checkpoint")]
+    for base in cfg.evaluate.baselines:
+        if base not in baselines:
+            raise EvaluationError(f"evaluate.baselines: unknown baseline {base!r} (known: {', '.join(baselines)})")
+        sources[base] = {"model_cfg": cfg.model, "image_size": image_size, "seed": cfg.seed}
+    if not sources:
+        raise EvaluationError("nothing to evaluate: pass --checkpoint and/or --baseline")
+    return sources
 
 
 def open_eval_dataset(cfg: Config, split: str):
@@ -64,7 +136,11 @@ def open_eval_dataset(cfg: Config, split: str):
     source = cfg.evaluate.data
     if source.split(":")[0] == "bsds":
         raise EvaluationError("bsds has boundaries, not class labels: score the grouping with `distseg edges eval`")
-    kwargs = {"num_images": cfg.data.num_images, "image_size": cfg.data.image_size, "seed": cfg.seed} if source == "synthetic" else {}
+    kwargs = (
+        {"num_images": cfg.data.num_images, "image_size": cfg.data.image_size, "seed": cfg.seed}
+        if source == "synthetic"
+        else {}
+    )
     return open_dataset(source, root=cfg.evaluate.root, split=split, limit=cfg.evaluate.limit, **kwargs)
 
 
@@ -82,112 +158,25 @@ def load_split(cfg: Config, split: str) -> tuple[LabeledSplit, list[str]]:
     return LabeledSplit(ids, images, labels), names
 
 
-def extract(fn: FeatureFn, split: LabeledSplit, desc: str) -> list[np.ndarray]:
-    return [fn(img) for img in tqdm(split.images, desc=desc, unit="img", leave=False)]
-
-
-def _summary(values: list[float]) -> dict:
-    arr = np.asarray(values, np.float64)
-    return {"mean": float(np.nanmean(arr)), "std": float(np.nanstd(arr)), "values": [float(v) for v in arr]}
-
-
-def run_protocol(name: str, num_classes: int, class_names: list[str], seed: int, args: dict,
-                 train: LabeledSplit | None, train_feats, evals: LabeledSplit, eval_feats, extra: dict):  # fmt: skip
-    from distseg.eval.protocols import FeatureSample, create_protocol
-
-    protocol = create_protocol(name, num_classes, class_names=class_names, seed=seed, ignore_index=IGNORE, **extra, **args)
-    protocol.reset()
-    if train is not None:
-        for image_id, feats, lab in zip(train.ids, train_feats, train.labels):
-            protocol.process(FeatureSample(image_id, feats, lab, "train"))
-    for image_id, feats, lab in zip(evals.ids, eval_feats, evals.labels):
-        protocol.process(FeatureSample(image_id, feats, lab, "eval"))
-    return protocol.evaluate()
-
-
-def evaluate(cfg: Config, checkpoint: str | None, out_dir: str | Path) -> dict:
-    """Score the checkpoint (and cfg.evaluate.baselines) with cfg.evaluate.protocols; returns metrics.json's dict."""
-    from distseg.eval import report
-    from distseg.tracking import start_run
+def open_video_set(cfg: Config, plan: ProtocolPlan) -> VideoSet:
+    """The sequences of a video protocol's dataset (`data` metadata): evaluate.root and eval_split when
+    it is evaluate.data, else its default location and `val`; at most davis_max_frames per sequence."""
+    from distseg.eval.davis import sequence_frame_ids
+    from distseg.eval.extract import DataSpec
 
     ecfg = cfg.evaluate
-    unknown = sorted(set(ecfg.protocols) - {"linear", "kmeans", "knn", "retrieval", "davis", "purity"})
-    if unknown:
-        raise EvaluationError(f"unknown protocol(s) {unknown} (known: linear, kmeans, knn, retrieval, davis, purity)")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    sources: dict[str, dict] = {}
-    parent = None
-    # a 320-px DAVIS frame is an 80x45 feature grid on which small objects vanish: davis has its own size
-    image_size = ecfg.davis_image_size if ecfg.data == "davis" else ecfg.image_size
-    if checkpoint:
-        ckpt = Path(checkpoint)
-        if not (ckpt / "model.pt").is_file():
-            raise EvaluationError(f"checkpoint {ckpt}: no model.pt (pass a folder from `distseg pretrain`)")
-        meta = json.loads((ckpt / "meta.json").read_text()) if (ckpt / "meta.json").is_file() else {}
-        parent = meta.get("mlflow_run_id")
-        sources["checkpoint"] = {"checkpoint": str(ckpt), "image_size": image_size}
-    for base in ecfg.baselines:
-        sources[base] = {"model_cfg": cfg.model, "image_size": image_size, "seed": cfg.seed}
-    if not sources:
-        raise EvaluationError("nothing to evaluate: pass --checkpoint and/or --baseline")
-
-    semantic = [p for p in ecfg.protocols if p != "davis"]
-    train = evals = None
-    class_names: list[str] = []
-    if semantic:
-        evals, class_names = load_split(cfg, ecfg.eval_split)
-        if any(p in ("linear", "knn", "retrieval") for p in semantic):
-            train, _ = load_split(cfg, ecfg.train_split)
-
-    results: dict = {"data": ecfg.data, "protocols": ecfg.protocols, "seeds": ecfg.seeds, "image_size": image_size, "sources": {}}
-    for source, kwargs in sources.items():
-        t0 = time.perf_counter()
-        fn = create_features(source, **kwargs)
-        source_metrics: dict[str, dict] = {}
-        train_feats = extract(fn, train, f"{source} features (train)") if train else None
-        eval_feats = extract(fn, evals, f"{source} features (eval)") if evals else None
-        for name in ecfg.protocols:
-            if name == "purity" and source != "checkpoint":
-                continue
-            seeds = range(ecfg.seeds) if name in STOCHASTIC else range(1)
-            per_seed, first = [], None
-            for seed in seeds:
-                if name == "davis":
-                    res = run_davis(cfg, fn)
-                else:
-                    extra = {"concepts": concept_dictionary(kwargs["checkpoint"])} if name == "purity" else {}
-                    res = run_protocol(name, len(class_names), class_names, cfg.seed + seed, ecfg.protocol_args.get(name, {}),
-                                       train, train_feats, evals, eval_feats, extra)  # fmt: skip
-                per_seed.append(res)
-                first = first or res
-            metrics = {k: _summary([r.metrics[k] for r in per_seed]) for k in first.metrics}
-            source_metrics.update(metrics)
-            with start_run(cfg, run_name=f"eval-{name}-{source}", parent_run_id=parent,
-                           tags={"stage": "evaluate", "protocol": name, "source": source}, log_config=False) as tracker:  # fmt: skip
-                tracker.log_params({"protocol": name, "source": source, "data": ecfg.data, "seeds": len(per_seed),
-                                    "image_size": image_size, "checkpoint": checkpoint or "", **{f"arg.{k}": v for k, v in ecfg.protocol_args.get(name, {}).items()}})  # fmt: skip
-                tracker.log_metrics({k: v["mean"] for k, v in metrics.items()})
-                tracker.log_metrics({f"{k}_std": v["std"] for k, v in metrics.items()})
-                report.log_protocol(tracker, name, first, evals, eval_feats, class_names, ecfg.num_examples)
-        if eval_feats is not None and ecfg.num_examples:
-            sheet = report.pca_sheet(evals, eval_feats, ecfg.num_examples, pca_rgb)
-            report.save_picture(sheet, out / f"pca_{source}.png")
-        results["sources"][source] = {"metrics": source_metrics, "seconds": time.perf_counter() - t0}
-    (out / "metrics.json").write_text(json.dumps(results, indent=2))
-    return results
-
-
-def run_davis(cfg: Config, fn: FeatureFn):
-    from distseg.data import open_dataset
-    from distseg.eval.davis import evaluate_sequences
-    from distseg.eval.protocols import EvalResult
-
-    dataset = open_dataset("davis", root=cfg.evaluate.root if cfg.evaluate.data == "davis" else None, split="val")
-    args = dict(cfg.evaluate.protocol_args.get("davis", {}))
-    metrics = evaluate_sequences(fn, dataset, max_frames=cfg.evaluate.davis_max_frames, **args)
-    flat = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.floating))}
-    return EvalResult(metrics=flat, per_class=[], confusion=None, predictions={})
+    source = plan.info.data
+    if not source:
+        raise EvaluationError(f"protocol {plan.name!r} needs video but names no dataset (register it with data=...)")
+    own = ecfg.data == source
+    spec = DataSpec.resolve(source, ecfg.root if own else None, ecfg.eval_split if own else "val")
+    dataset = spec.open()
+    if not hasattr(dataset, "sequences"):
+        raise EvaluationError(f"protocol {plan.name!r}: data source {source!r} has no video sequences")
+    ids = sequence_frame_ids(dataset, ecfg.davis_max_frames)
+    if not ids:
+        raise EvaluationError(f"protocol {plan.name!r}: {source} split {spec.split!r} has no frames")
+    return VideoSet(spec, ids, class_space(dataset)[0])
 
 
 def concept_dictionary(checkpoint: str) -> np.ndarray:
@@ -199,15 +188,212 @@ def concept_dictionary(checkpoint: str) -> np.ndarray:
         raise EvaluationError(f"purity needs {path} (a checkpoint trained with the concepts loss)")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if "dictionary" not in state:
-        raise EvaluationError(f"{path} holds no concept dictionary (was the checkpoint trained with pretrain.method=concepts?)")
+        raise EvaluationError(
+            f"{path} holds no concept dictionary (was the checkpoint trained with pretrain.method=concepts?)"
+        )
     d = state["dictionary"].float()
     return torch.nn.functional.normalize(d, dim=1).numpy()
 
 
-HEADLINES = {"davis": "JF_mean", "purity": "purity"}
+def _summary(values: list[float]) -> dict:
+    arr = np.asarray(values, np.float64)
+    return {"mean": float(np.nanmean(arr)), "std": float(np.nanstd(arr)), "values": [float(v) for v in arr]}
+
+
+def run_protocol(
+    plan: ProtocolPlan,
+    class_names: list[str],
+    seed: int,
+    train: LabeledSplit | None,
+    train_feats,
+    evals: LabeledSplit,
+    eval_feats,
+    num_examples: int,
+    extra: dict,
+):
+    """One protocol on precomputed features: the train split (when it needs it), then the eval split."""
+    from distseg.eval.protocols import FeatureSample, create_protocol
+
+    protocol = create_protocol(
+        plan.name,
+        len(class_names),
+        class_names=class_names,
+        seed=seed,
+        ignore_index=IGNORE_INDEX,
+        num_examples=num_examples,
+        **extra,
+        **plan.kwargs,
+    )
+    protocol.reset()
+    if plan.info.needs_train:
+        for image_id, feats, lab in zip(train.ids, train_feats, train.labels):
+            protocol.process(FeatureSample(image_id, feats, lab, "train"))
+    for image_id, feats, lab in zip(evals.ids, eval_feats, evals.labels):
+        protocol.process(FeatureSample(image_id, feats, lab, "eval"))
+    return protocol.evaluate()
+
+
+def run_video_protocol(
+    plan: ProtocolPlan,
+    video: VideoSet,
+    seed: int,
+    source: str,
+    source_kwargs: dict,
+    num_examples: int,
+    plugins: list[str],
+):
+    """A video protocol on its frames, streamed from the actor pool in order: the driver holds no video."""
+    from distseg.eval.extract import extract_features
+    from distseg.eval.protocols import FeatureSample, create_protocol
+
+    protocol = create_protocol(
+        plan.name,
+        len(video.class_names),
+        class_names=video.class_names,
+        seed=seed,
+        ignore_index=IGNORE_INDEX,
+        num_examples=num_examples,
+        **plan.kwargs,
+    )
+    protocol.reset()
+    rows = extract_features(
+        source, source_kwargs, ids=video.ids, data=video.spec, name=f"{source} {plan.name} frames", plugins=plugins
+    )
+    for row in rows:
+        protocol.process(FeatureSample(video.ids[row.index], row.features, row.label, "eval"))
+    return protocol.evaluate()
+
+
+def extract_splits(
+    source: str, source_kwargs: dict, splits: list[LabeledSplit | None], plugins: list[str]
+) -> list[list | None]:
+    """The features of every image of the given splits, in one pass of the actor pool."""
+    from distseg.eval.extract import extract_all
+
+    images = [image for split in splits if split is not None for image in split.images]
+    if not images:
+        return [None] * len(splits)
+    feats = extract_all(source, source_kwargs, images, name=f"{source} features", plugins=plugins)
+    out, start = [], 0
+    for split in splits:
+        if split is None:
+            out.append(None)
+        else:
+            out.append(feats[start : start + len(split.images)])
+            start += len(split.images)
+    return out
+
+
+def evaluate(cfg: Config, checkpoint: str | None, out_dir: str | Path) -> dict:
+    """Score the checkpoint (and cfg.evaluate.baselines) with cfg.evaluate.protocols; returns metrics.json's dict."""
+    from distseg.cluster import init_ray
+    from distseg.eval import report
+    from distseg.eval.features import pca_rgb
+    from distseg.tracking import start_run
+
+    ecfg = cfg.evaluate
+    plans = plan_protocols(cfg)
+    # a 320-px DAVIS frame is an 80x45 feature grid on which small objects vanish: davis has its own size
+    image_size = ecfg.davis_image_size if ecfg.data == "davis" else ecfg.image_size
+    sources = feature_sources(cfg, checkpoint, image_size)
+    parent, concepts = None, None
+    if checkpoint:
+        meta_path = Path(checkpoint) / "meta.json"
+        parent = json.loads(meta_path.read_text()).get("mlflow_run_id") if meta_path.is_file() else None
+        if any(p.info.needs_concepts for p in plans):
+            concepts = concept_dictionary(checkpoint)
+
+    semantic = [p for p in plans if not p.info.needs_video]
+    train = evals = None
+    class_names: list[str] = []
+    if semantic:
+        evals, class_names = load_split(cfg, ecfg.eval_split)
+        if any(p.info.needs_train for p in semantic):
+            train, _ = load_split(cfg, ecfg.train_split)
+    videos = {p.name: open_video_set(cfg, p) for p in plans if p.info.needs_video}
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plugins = list(getattr(cfg, "plugins", []) or [])
+    init_ray(cfg.ray)
+    results: dict = {
+        "data": ecfg.data,
+        "protocols": ecfg.protocols,
+        "seeds": ecfg.seeds,
+        "image_size": image_size,
+        "sources": {},
+    }
+    for source, kwargs in sources.items():
+        t0 = time.perf_counter()
+        # a concepts protocol runs on the checkpoint only
+        active = [p for p in plans if not (p.info.needs_concepts and (source != "checkpoint" or concepts is None))]
+        train_feats = eval_feats = None
+        if any(not p.info.needs_video for p in active):
+            train_feats, eval_feats = extract_splits(source, kwargs, [train, evals], plugins)
+        pca = None
+        if eval_feats is not None and ecfg.num_examples:
+            pca = report.pca_sheet(evals, eval_feats, ecfg.num_examples, pca_rgb)
+            report.save_picture(pca, out / f"pca_{source}.png")
+        source_metrics: dict[str, dict] = {}
+        for plan in active:
+            per_seed = []
+            for seed in range(ecfg.seeds) if plan.info.stochastic else range(1):
+                if plan.info.needs_video:
+                    res = run_video_protocol(
+                        plan, videos[plan.name], cfg.seed + seed, source, kwargs, ecfg.num_examples, plugins
+                    )
+                else:
+                    extra = {"concepts": concepts} if plan.info.needs_concepts else {}
+                    res = run_protocol(
+                        plan,
+                        class_names,
+                        cfg.seed + seed,
+                        train,
+                        train_feats,
+                        evals,
+                        eval_feats,
+                        ecfg.num_examples,
+                        extra,
+                    )
+                per_seed.append(res)
+            first = per_seed[0]
+            metrics = {k: _summary([r.metrics[k] for r in per_seed]) for k in first.metrics}
+            source_metrics.update(metrics)
+            with start_run(
+                cfg,
+                run_name=f"eval-{plan.name}-{source}",
+                parent_run_id=parent,
+                tags={"stage": "evaluate", "protocol": plan.name, "source": source},
+                log_config=False,
+            ) as tracker:
+                tracker.log_params(
+                    {
+                        "protocol": plan.name,
+                        "source": source,
+                        "data": ecfg.data,
+                        "seeds": len(per_seed),
+                        "image_size": image_size,
+                        "checkpoint": checkpoint or "",
+                        **{f"arg.{k}": v for k, v in plan.args.items()},
+                    }
+                )
+                tracker.log_metrics({k: v["mean"] for k, v in metrics.items()})
+                tracker.log_metrics({f"{k}_std": v["std"] for k, v in metrics.items()})
+                split = None if plan.info.needs_video else evals
+                report.log_protocol(tracker, plan.name, first, split, class_names, ecfg.num_examples)
+                if pca is not None and split is not None:
+                    tracker.log_image(pca, "embedding_pca.png")  # once per source: its first run on the eval split
+                    pca = None
+        results["sources"][source] = {"metrics": source_metrics, "seconds": time.perf_counter() - t0}
+        train_feats = eval_feats = None  # before the next source's features arrive
+    (out / "metrics.json").write_text(json.dumps(results, indent=2))
+    return results
 
 
 def headline(protocol: str, metrics: dict) -> tuple[str, dict | None]:
-    """The number a protocol is judged by (mIoU, or J&F for DAVIS) from a source's metrics."""
-    key = f"{protocol}/{HEADLINES.get(protocol, 'miou')}"
-    return key.split("/", 1)[1], metrics.get(key)
+    """The number a protocol is judged by (its registered `headline`: mIoU, J&F for DAVIS, ...) from a
+    source's metrics: (metric name, its {mean, std, values} or None)."""
+    from distseg.eval.protocols import PROTOCOLS
+
+    name = (PROTOCOLS.meta(protocol).get("headline") if protocol in PROTOCOLS else None) or "miou"
+    return name, metrics.get(f"{protocol}/{name}")

@@ -5,6 +5,8 @@
 
 Baselines, computed by the same command for an honest comparison: `random` (the checkpoint's
 architecture with random init) and `rgbxy` (Lab colour and pixel position, at the same 1/4 grid).
+
+Sources are registered in `FEATURES`; distseg.eval.extract runs them on a Ray actor pool.
 """
 
 from __future__ import annotations
@@ -15,27 +17,27 @@ import cv2
 import numpy as np
 import torch
 
-from distseg.models import create_model, load_embedding_model
+from distseg.core.constants import IMAGENET_MEAN, IMAGENET_STD
+from distseg.core.registry import Registry
+from distseg.models import create_model
 
 FeatureFn = Callable[[np.ndarray], np.ndarray]
-FEATURES: dict[str, Callable[..., FeatureFn]] = {}
+# name -> factory(**kwargs) -> FeatureFn. Metadata: `gpu` (a network: worth a GPU when the cluster has
+# one); `needs_checkpoint` (built from `distseg evaluate --checkpoint`, so not a baseline)
+FEATURES: Registry[Callable[..., FeatureFn]] = Registry("feature source")
 
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
+MEAN = np.array(IMAGENET_MEAN, np.float32)
+STD = np.array(IMAGENET_STD, np.float32)
 
 
-def register_features(name: str):
-    def deco(factory):
-        FEATURES[name] = factory
-        return factory
-
-    return deco
+def register_features(name: str, *, gpu: bool = False, needs_checkpoint: bool = False):
+    """Factory decorator: the feature source `name` (see FEATURES for the metadata)."""
+    return FEATURES.register(name, gpu=gpu, needs_checkpoint=needs_checkpoint)
 
 
 def create_features(name: str, **kwargs) -> FeatureFn:
-    if name not in FEATURES:
-        raise KeyError(f"unknown feature source {name!r} (known: {', '.join(sorted(FEATURES))})")
-    return FEATURES[name](**kwargs)
+    """Build a feature source (`UnknownNameError`, a KeyError, lists the known names)."""
+    return FEATURES.build(name, **kwargs)
 
 
 def resize_longer(image: np.ndarray, side: int | None) -> np.ndarray:
@@ -61,13 +63,15 @@ class ModelFeatures:
         return self.model(x)[0].float().cpu().numpy()
 
 
-@register_features("checkpoint")
+@register_features("checkpoint", gpu=True, needs_checkpoint=True)
 def _checkpoint(checkpoint: str, image_size: int | None = 320, device: str = "cpu", **_) -> FeatureFn:
+    from distseg.checkpoint import load_embedding_model  # it imports distseg.config, which imports this module
+
     model, _cfg = load_embedding_model(checkpoint, device)
     return ModelFeatures(model, image_size, device)
 
 
-@register_features("random")
+@register_features("random", gpu=True)
 def _random(model_cfg, image_size: int | None = 320, device: str = "cpu", seed: int = 0, **_) -> FeatureFn:
     torch.manual_seed(seed)
     return ModelFeatures(create_model(model_cfg.model_copy(update={"weights": None})), image_size, device)
@@ -86,7 +90,9 @@ class RGBXYFeatures:
         small = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
         lab = cv2.cvtColor(small.astype(np.float32) / 255, cv2.COLOR_RGB2Lab)
         lab = (lab - np.array([50.0, 0.0, 0.0], np.float32)) / np.array([50.0, 100.0, 100.0], np.float32)
-        ys, xs = np.meshgrid(np.linspace(-1, 1, h, dtype=np.float32), np.linspace(-1, 1, w, dtype=np.float32), indexing="ij")
+        ys, xs = np.meshgrid(
+            np.linspace(-1, 1, h, dtype=np.float32), np.linspace(-1, 1, w, dtype=np.float32), indexing="ij"
+        )
         return np.concatenate([lab.transpose(2, 0, 1), self.xy_weight * np.stack([xs, ys])]).astype(np.float32)
 
 

@@ -36,7 +36,9 @@ class ImageResult:
     region_counts: RegionImageCounts | None
 
 
-def evaluate_images(cfg_dict: dict, items: list[tuple[str, str, str]], out_dir: str, thresholds: int, regions: bool, edges_alone: bool) -> list[ImageResult]:
+def evaluate_images(
+    cfg_dict: dict, items: list[tuple[str, str, str]], out_dir: str, thresholds: int, regions: bool, edges_alone: bool
+) -> list[ImageResult]:
     """Run detector + hierarchy + benchmark on (image_id, image_path, gt_path) items."""
     import torch
 
@@ -99,7 +101,8 @@ def evaluate_grouping(
         cfg_dict["edges"]["weights"] = str(Path(cfg_dict["edges"]["weights"]).resolve())
     task = ray.remote(num_cpus=1)(evaluate_images)
     pending = [
-        task.remote(cfg_dict, items[i : i + chunk], str(out), thresholds, regions, edges_alone) for i in range(0, len(items), chunk)
+        task.remote(cfg_dict, items[i : i + chunk], str(out), thresholds, regions, edges_alone)
+        for i in range(0, len(items), chunk)
     ]
     results: list[ImageResult] = []
     with tqdm(total=len(items), desc=f"edges eval ({cfg.edges.detector}, {split})", unit="img") as bar:
@@ -111,7 +114,19 @@ def evaluate_grouping(
     results.sort(key=lambda r: r.image_id)
     metrics = summarize(results, cfg, split)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _log_run(cfg, metrics, split, out)
     return metrics
+
+
+def _log_run(cfg: Config, metrics: dict, split: str, out: Path) -> None:
+    """One MLflow run per benchmark (tag stage=edges.eval): every number and metrics.json."""
+    from distseg.config import flatten
+    from distseg.tracking import start_run
+
+    tags = {"stage": "edges.eval", "detector": cfg.edges.detector, "split": split}
+    with start_run(cfg, run_name=f"{cfg.name}-edges-eval-{split}", tags=tags) as tracker:
+        tracker.log_metrics({k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float))})
+        tracker.log_artifact(out / "metrics.json")
 
 
 def summarize(results: list[ImageResult], cfg: Config, split: str) -> dict:
@@ -133,5 +148,10 @@ def summarize(results: list[ImageResult], cfg: Config, split: str) -> dict:
         metrics["edges"] = boundary([r.edge_counts for r in results])
     if results and results[0].region_counts is not None:
         region = collect_region_scores([r.region_counts for r in results])
-        metrics["ucm"].update({k: float(region[k]) for k in ("covering_ods", "covering_ois", "covering_best", "pri_ods", "pri_ois", "voi_ods", "voi_ois")})
+        metrics["ucm"].update(
+            {
+                k: float(region[k])
+                for k in ("covering_ods", "covering_ois", "covering_best", "pri_ods", "pri_ois", "voi_ods", "voi_ois")
+            }
+        )
     return metrics

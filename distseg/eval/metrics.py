@@ -34,9 +34,7 @@ def _as_int_array(x: Any) -> np.ndarray:
     return x.astype(np.int64, copy=False)
 
 
-def contingency(
-    pred: Any, target: Any, num_pred: int, num_target: int, ignore_index: int | None = 255
-) -> np.ndarray:
+def contingency(pred: Any, target: Any, num_pred: int, num_target: int, ignore_index: int | None = 255) -> np.ndarray:
     """Pixel counts ``(num_target, num_pred)``: entry ``[t, p]`` counts pixels of class ``t``
     predicted as ``p``.
 

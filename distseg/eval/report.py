@@ -1,4 +1,8 @@
-"""Pictures and tables of an evaluation: confusion matrix, per-class IoU, PCA of embeddings, examples."""
+"""Pictures and tables of an evaluation: confusion matrix, per-class IoU, PCA of embeddings, examples.
+
+`log_protocol` logs what one protocol run reports; the PCA sheet of a source's embeddings is made once
+per source (`pca_sheet`) and logged by the caller.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from distseg.core.constants import IGNORE_INDEX
 from distseg.viz import color_labels, contact_sheet
 
 
@@ -37,8 +42,8 @@ def _fit(picture: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def _labels_rgb(labels: np.ndarray) -> np.ndarray:
-    rgb = color_labels(np.where(labels == 255, 0, labels))
-    rgb[labels == 255] = 0
+    rgb = color_labels(np.where(labels == IGNORE_INDEX, 0, labels))
+    rgb[labels == IGNORE_INDEX] = 0
     return rgb
 
 
@@ -51,7 +56,11 @@ def examples_sheet(split, predictions: dict[str, np.ndarray]) -> np.ndarray | No
             continue
         i = index[image_id]
         shape = split.labels[i].shape
-        tiles += [_fit(split.images[i], shape), _labels_rgb(split.labels[i]), _labels_rgb(_fit(pred.astype(np.uint8), shape))]
+        tiles += [
+            _fit(split.images[i], shape),
+            _labels_rgb(split.labels[i]),
+            _labels_rgb(_fit(pred.astype(np.uint8), shape)),
+        ]
     return contact_sheet(tiles, columns=3) if tiles else None
 
 
@@ -68,9 +77,13 @@ def save_picture(picture: np.ndarray, path: Path) -> None:
     cv2.imwrite(str(path), picture[:, :, ::-1])
 
 
-def log_protocol(tracker, name: str, result, split, features, class_names: list[str], num_examples: int) -> None:
+def log_protocol(tracker, name: str, result, split, class_names: list[str], num_examples: int) -> None:
+    """The per-class table, confusion picture and example segmentations of one protocol's result
+    (examples need the eval `split` the predictions are keyed into; None: no examples)."""
     if result.per_class:
-        tracker.log_table({k: [row[k] for row in result.per_class] for k in result.per_class[0]}, f"{name}_per_class_iou.json")
+        tracker.log_table(
+            {k: [row[k] for row in result.per_class] for k in result.per_class[0]}, f"{name}_per_class_iou.json"
+        )
     if result.confusion is not None and len(class_names) == result.confusion.shape[0]:
         import matplotlib.pyplot as plt
 
@@ -81,7 +94,3 @@ def log_protocol(tracker, name: str, result, split, features, class_names: list[
         sheet = examples_sheet(split, dict(list(result.predictions.items())[:num_examples]))
         if sheet is not None:
             tracker.log_image(sheet, f"{name}_examples.png")
-    if num_examples and features is not None and split is not None:
-        from distseg.eval.features import pca_rgb
-
-        tracker.log_image(pca_sheet(split, features, num_examples, pca_rgb), "embedding_pca.png")

@@ -5,6 +5,9 @@ context) with a side output per stage and a learned fusion, as HED/RCF do, but ~
 so it trains on CPUs. The loss is a class-balanced BCE whose positives are weighted by annotator
 consensus (the fraction of annotators who drew a boundary there); pixels only a minority of annotators
 marked are ignored rather than called negatives.
+
+The detector is registered as `learned` (with its config keys) in distseg/grouping/__init__.py, which
+imports this module only when the detector is built, so importing the grouping package needs no torch.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distseg.grouping.edges import EdgeMap, as_rgb, orientation_of
+from distseg.core.constants import IMAGENET_MEAN, IMAGENET_STD
+from distseg.grouping.edges import as_rgb, orientation_of
+from distseg.grouping.types import EdgeMap
 
 SHIPPED_WEIGHTS = "edgenet.pt"
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+MEAN, STD = IMAGENET_MEAN, IMAGENET_STD  # the input normalisation (edge_training imports these names)
 
 
 def _block(cin: int, cout: int, n: int, dilation: int = 1) -> nn.Sequential:
@@ -60,7 +64,9 @@ class EdgeNet(nn.Module):
         return sides + [self.fuse(torch.cat(sides, 1))]
 
 
-def edge_loss(logits: list[torch.Tensor], consensus: torch.Tensor, threshold: float = 0.3, balance: float = 1.1) -> torch.Tensor:
+def edge_loss(
+    logits: list[torch.Tensor], consensus: torch.Tensor, threshold: float = 0.3, balance: float = 1.1
+) -> torch.Tensor:
     """Class-balanced, consensus-weighted BCE summed over side and fused outputs.
 
     consensus: B x 1 x H x W fraction of annotators marking each pixel. Positives: >= threshold,
@@ -73,7 +79,9 @@ def edge_loss(logits: list[torch.Tensor], consensus: torch.Tensor, threshold: fl
     total = (n_pos + n_neg).clamp(min=1)
     pos_consensus = torch.where(positive, consensus, torch.zeros_like(consensus))
     mean_pos = pos_consensus.sum(dim=(1, 2, 3), keepdim=True) / n_pos.clamp(min=1)
-    weight = torch.where(positive, balance * n_neg / total * pos_consensus / mean_pos.clamp(min=1e-6), torch.zeros_like(consensus))
+    weight = torch.where(
+        positive, balance * n_neg / total * pos_consensus / mean_pos.clamp(min=1e-6), torch.zeros_like(consensus)
+    )
     weight = torch.where(negative, (n_pos / total).expand_as(consensus), weight)
     target = positive.float()
     losses = [F.binary_cross_entropy_with_logits(lg, target, weight=weight, reduction="sum") for lg in logits]
@@ -112,7 +120,9 @@ def load_edgenet(weights: str | Path | None = None, map_location: str = "cpu") -
 class LearnedEdges:
     """Inference with the trained EdgeNet: optional multi-scale averaging, orientation from the map."""
 
-    def __init__(self, weights: str | Path | None = None, scales: tuple[float, ...] = (1.0,), device: str | None = None):
+    def __init__(
+        self, weights: str | Path | None = None, scales: tuple[float, ...] = (1.0,), device: str | None = None
+    ):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_edgenet(weights).to(self.device)
         self.scales = tuple(scales)
@@ -123,7 +133,9 @@ class LearnedEdges:
         height, width = image.shape[:2]
         total = np.zeros((height, width), np.float32)
         for scale in self.scales:
-            scaled = image if scale == 1 else cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+            scaled = (
+                image if scale == 1 else cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+            )
             logits = self.model(to_tensor(scaled).to(self.device))[-1]
             prob = torch.sigmoid(logits)[0, 0].float().cpu().numpy()
             total += prob if scale == 1 else cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR)

@@ -4,55 +4,61 @@
     edges = detector(image)          # EdgeMap(strength, orientation)
     thin = edges.thinned()           # non-maximum suppressed, as structured edges / OWT use them
 
-Registry: `learned` (the default; a network distseg trains on BSDS500 and ships), `gradient`
+Registry: `learned` (the default; a network distseg trains on BSDS500 and ships, see edgenet.py; it
+is registered by distseg/grouping/__init__.py so torch loads only when it is built), `gradient`
 (learning-free multi-scale colour gradient), `sed` (OpenCV structured edges; needs a model file).
+Each entry's `takes` metadata names the `EdgesConfig` keys its factory accepts as keyword arguments,
+so `edge_detector_from_config` needs no per-detector branches.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from distseg.core.registry import Registry
+from distseg.grouping.nms import non_maximum_suppression
+from distseg.grouping.types import EdgeMap
 
-@dataclass
-class EdgeMap:
-    strength: np.ndarray  # H x W float32 in [0, 1]
-    orientation: np.ndarray  # H x W float32 radians in [0, pi): direction of the gradient (the edge normal)
-
-    def thinned(self, radius: int = 1) -> np.ndarray:
-        return non_maximum_suppression(self.strength, self.orientation, radius)
-
+__all__ = [
+    "EDGE_DETECTORS",
+    "EdgeDetector",
+    "EdgeMap",
+    "GradientEdges",
+    "StructuredEdges",
+    "as_rgb",
+    "create_edge_detector",
+    "edge_detector_from_config",
+    "non_maximum_suppression",
+    "orientation_of",
+    "register_edge_detector",
+    "structure_orientation",
+]
 
 EdgeDetector = Callable[[np.ndarray], EdgeMap]
-EDGE_DETECTORS: dict[str, Callable[..., EdgeDetector]] = {}
+# name -> factory(**kwargs) -> EdgeDetector. Metadata: `takes`, the EdgesConfig keys (e.g. "weights",
+# "scales") the factory accepts; edge_detector_from_config passes exactly those.
+EDGE_DETECTORS: Registry[Callable[..., EdgeDetector]] = Registry("edge detector")
 
 
-def register_edge_detector(name: str):
-    def deco(factory):
-        EDGE_DETECTORS[name] = factory
-        return factory
-
-    return deco
+def register_edge_detector(name: str, *, takes: tuple[str, ...] = ()):
+    """Class or factory decorator: the edge detector `name`, taking the config keys `takes`."""
+    return EDGE_DETECTORS.register(name, takes=tuple(takes))
 
 
 def create_edge_detector(name: str, **kwargs) -> EdgeDetector:
-    """An edge detector by registry name, like timm's create_model."""
-    if name not in EDGE_DETECTORS:
-        raise ValueError(f"unknown edge detector {name!r} (known: {', '.join(sorted(EDGE_DETECTORS))})")
-    return EDGE_DETECTORS[name](**kwargs)
+    """An edge detector by registry name, like timm's create_model (unknown: ValueError listing the names)."""
+    return EDGE_DETECTORS.build(name, **kwargs)
 
 
 def edge_detector_from_config(edges_cfg) -> EdgeDetector:
-    """The detector an `EdgesConfig` names, with its weights and scales where it takes them."""
-    kwargs: dict = {}
-    if edges_cfg.detector in ("learned", "sed"):
-        kwargs["weights"] = edges_cfg.weights
-    if edges_cfg.detector == "learned":
-        kwargs["scales"] = tuple(edges_cfg.scales)
+    """The detector an `EdgesConfig` names, given the config keys it registered as taking."""
+    takes = EDGE_DETECTORS.meta(edges_cfg.detector).get("takes", ())
+    kwargs = {key: getattr(edges_cfg, key) for key in takes}
+    kwargs = {key: tuple(value) if isinstance(value, list) else value for key, value in kwargs.items()}
     return create_edge_detector(edges_cfg.detector, **kwargs)
 
 
@@ -89,21 +95,6 @@ def orientation_of(strength: np.ndarray, sigma: float = 2.0) -> np.ndarray:
     return structure_orientation(gx, gy, sigma)[1]
 
 
-def non_maximum_suppression(strength: np.ndarray, orientation: np.ndarray, radius: int = 1) -> np.ndarray:
-    """Keep pixels that are maxima along the edge normal (bilinear neighbours at +-1..radius)."""
-    height, width = strength.shape
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    dx, dy = np.cos(orientation).astype(np.float32), np.sin(orientation).astype(np.float32)
-    keep = np.ones_like(strength, bool)
-    for step in range(1, radius + 1):
-        for sign in (1, -1):
-            neighbour = cv2.remap(
-                strength, xs + sign * step * dx, ys + sign * step * dy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
-            )
-            keep &= strength >= neighbour
-    return np.where(keep, strength, 0).astype(np.float32)
-
-
 @register_edge_detector("gradient")
 class GradientEdges:
     """Learning-free multi-scale colour gradient in CIELAB; no weights.
@@ -131,7 +122,7 @@ class GradientEdges:
         return EdgeMap(strength=(magnitude / (magnitude + scale)).astype(np.float32), orientation=orientation)
 
 
-@register_edge_detector("sed")
+@register_edge_detector("sed", takes=("weights",))
 class StructuredEdges:
     """OpenCV structured edges (Dollar & Zitnick). The model file (model.yml.gz) is the user's to supply."""
 
@@ -146,10 +137,3 @@ class StructuredEdges:
     def __call__(self, image: np.ndarray) -> EdgeMap:
         strength = self.model.detectEdges(as_rgb(image).astype(np.float32) / 255.0)
         return EdgeMap(strength=strength, orientation=np.mod(self.model.computeOrientation(strength), np.pi))
-
-
-@register_edge_detector("learned")
-def _learned(weights: str | Path | None = None, scales: tuple[float, ...] = (1.0,), **kwargs) -> EdgeDetector:
-    from distseg.grouping.edgenet import LearnedEdges
-
-    return LearnedEdges(weights=weights, scales=scales, **kwargs)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import higra as hg
 import numpy as np
 
-from distseg.grouping.edges import EdgeMap
+from distseg.grouping.types import EdgeMap
 
 
 @dataclass
@@ -57,7 +57,9 @@ def build_hierarchy(edges: EdgeMap, max_regions: int = 40, oriented: bool = True
     saliency = hg.saliency(tree, altitudes)  # on the pixel graph (tree leaves are rag regions)
     ucm2 = hg.graph_4_adjacency_2_khalimsky(graph, saliency, add_extra_border=True).astype(np.float32)
     regions, region_dist = _cut(tree, altitudes, rag, max_regions)
-    return RegionHierarchy(ucm=np.ascontiguousarray(ucm2[2::2, 2::2]), ucm2=ucm2, regions=regions, region_dist=region_dist)
+    return RegionHierarchy(
+        ucm=np.ascontiguousarray(ucm2[2::2, 2::2]), ucm2=ucm2, regions=regions, region_dist=region_dist
+    )
 
 
 def _monotone(tree, altitudes: np.ndarray) -> np.ndarray:

@@ -10,50 +10,46 @@ only), `saliency` (one foreground mask, as MaskContrast uses; empty when the mas
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
+from pydantic import Field
 
-from distseg.config import Config
+from distseg.core.registry import Registry
+from distseg.core.section import Section
 from distseg.grouping.edges import as_rgb, edge_detector_from_config
 from distseg.grouping.hierarchy import build_hierarchy
+from distseg.grouping.types import Mask, PriorOutput  # re-exported: `from distseg.grouping.priors import Mask` works
 
 MAX_REGIONS = 255  # leaf ids are stored as uint8
 MIN_SIDE = 4  # below this OpenCV's segmenters crash (segfault on 1x1): such images are one region
 
 
-@dataclass
-class Mask:
-    mask: np.ndarray  # H x W bool
-    score: float
-    label: int = 1
-
-
-@dataclass
-class PriorOutput:
-    regions: np.ndarray | None = None  # H x W uint8 ids 0..K-1
-    region_dist: np.ndarray | None = None  # K x K float32 (ucm only)
-    ucm: np.ndarray | None = None  # H x W float32 in [0, 1] (ucm only)
-    masks: list[Mask] = field(default_factory=list)
-
+if TYPE_CHECKING:
+    from distseg.config import Config
 
 Prior = Callable[[np.ndarray], PriorOutput]
-PRIORS: dict[str, Callable[[Config], Prior]] = {}
+# name -> factory(cfg: Config) -> Prior. Metadata: `params` (the pydantic model of the prior's config
+# section `priors.<name>`, when it has settings) and `yields` ("regions": a leaf-label map, with tree
+# distances for ucm; "masks": object masks whose union is the foreground).
+PRIORS: Registry[Callable[[Config], Prior]] = Registry("prior")
 
 
-def register_prior(name: str):
-    def deco(factory):
-        PRIORS[name] = factory
-        return factory
-
-    return deco
+def register_prior(name: str, *, yields: str = "regions", params: type[Section] | None = None):
+    """Class or factory decorator: the prior `name`, built as `factory(cfg)` once per mining actor."""
+    if yields not in ("regions", "masks"):
+        raise ValueError(f"prior {name!r}: yields must be 'regions' or 'masks', got {yields!r}")
+    return PRIORS.register(name, yields=yields, params=params)
 
 
 def create_prior(name: str, cfg: Config) -> Prior:
-    if name not in PRIORS:
-        raise ValueError(f"unknown prior {name!r} (known: {', '.join(sorted(PRIORS))})")
-    return PRIORS[name](cfg)
+    return PRIORS.build(name, cfg)
+
+
+def prior_yields(name: str) -> str:
+    """'regions' or 'masks': what the prior's shard column holds (ingest turns masks into fg/bg)."""
+    return PRIORS.meta(name).get("yields", "regions")
 
 
 def relabel(labels: np.ndarray) -> np.ndarray:
@@ -77,7 +73,14 @@ class UCMPrior:
         return PriorOutput(regions=h.regions, region_dist=h.region_dist, ucm=h.ucm)
 
 
-@register_prior("felzenszwalb")
+class FelzenszwalbParams(Section):
+    sigma: float = Field(0.8, ge=0, description="Gaussian smoothing before segmentation")
+    k: float = Field(300.0, gt=0, description="scale: larger k -> larger segments")
+    min_size: int = Field(50, ge=1, description="minimum segment size in pixels")
+    max_regions: int = Field(200, ge=2, le=255, description="bound on segments: min_size >= area / max_regions")
+
+
+@register_prior("felzenszwalb", params=FelzenszwalbParams)
 class FelzenszwalbPrior:
     """Felzenszwalb-Huttenlocher graph segmentation; min_size bounds the region count."""
 
@@ -94,7 +97,13 @@ class FelzenszwalbPrior:
         return PriorOutput(regions=relabel(segmenter.processImage(as_rgb(image)[:, :, ::-1])))
 
 
-@register_prior("slic")
+class SlicParams(Section):
+    num_regions: int = Field(100, ge=2, le=255, description="target number of superpixels")
+    ruler: float = Field(10.0, gt=0, description="SLICO smoothness")
+    iterations: int = Field(10, ge=1, description="SLIC iterations")
+
+
+@register_prior("slic", params=SlicParams)
 class SlicPrior:
     """SLICO superpixels in CIELAB, sized for about `num_regions` regions."""
 
@@ -114,7 +123,17 @@ class SlicPrior:
         return PriorOutput(regions=relabel(slic.getLabels()))
 
 
-@register_prior("saliency")
+class SaliencyParams(Section):
+    method: str = Field(
+        "spectral_residual", pattern="^(spectral_residual|fine_grained)$", description="OpenCV static saliency"
+    )
+    min_component: float = Field(
+        0.01, ge=0, lt=1, description="drop foreground components below this fraction of the image"
+    )
+    min_area: float = Field(0.02, ge=0, lt=1, description="no mask when the foreground covers less than this fraction")
+
+
+@register_prior("saliency", yields="masks", params=SaliencyParams)
 class SaliencyPrior:
     """Static saliency -> Otsu threshold -> cleaned foreground mask (MaskContrast's unsupervised prior).
 

@@ -1,4 +1,7 @@
-"""Pixel-embedding pretraining losses by name, plus the contrastive primitives they share.
+"""The contrastive primitives the methods' losses share, and the loss contract.
+
+The losses themselves live with their methods (distseg.methods.<name>);
+`distseg.methods.create_loss` builds one by method name:
 
     loss_fn = create_loss("concepts", dim=32)
     terms = loss_fn(emb1, emb2, seg1, seg2, dist=dist, key1=k1, key2=k2)
@@ -13,31 +16,7 @@ term to finite scalars; degenerate batches give 0 with a graph attached, never N
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-from torch import nn
-
-LOSSES: dict[str, type[nn.Module]] = {}
-
-
-def register_loss(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    """Class decorator: make the loss available to `create_loss(name, ...)`."""
-
-    def deco(cls: type[nn.Module]) -> type[nn.Module]:
-        if name in LOSSES and LOSSES[name] is not cls:
-            raise ValueError(f"loss {name!r} is already registered to {LOSSES[name].__name__}")
-        LOSSES[name] = cls
-        return cls
-
-    return deco
-
-
-def create_loss(name: str, **kwargs) -> nn.Module:
-    """The loss registered as `name`, built with `kwargs` (its constructor's keyword arguments)."""
-    if name not in LOSSES:
-        raise KeyError(f"unknown loss {name!r} (known: {', '.join(sorted(LOSSES))})")
-    return LOSSES[name](**kwargs)
 
 
 def zero_loss(*tensors: torch.Tensor | None) -> torch.Tensor:
@@ -74,22 +53,4 @@ def random_subset(mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return idx, vals >= 0
 
 
-from distseg.losses import concepts, hiergroup, maskcontrast  # noqa: E402  (modules register themselves)
-from distseg.losses.concepts import ConceptsLoss  # noqa: E402
-from distseg.losses.hiergroup import HierGroupLoss  # noqa: E402
-from distseg.losses.maskcontrast import MaskContrastLoss  # noqa: E402
-
-__all__ = [
-    "LOSSES",
-    "ConceptsLoss",
-    "HierGroupLoss",
-    "MaskContrastLoss",
-    "concepts",
-    "create_loss",
-    "hiergroup",
-    "info_nce",
-    "maskcontrast",
-    "random_subset",
-    "register_loss",
-    "zero_loss",
-]
+__all__ = ["info_nce", "random_subset", "zero_loss"]

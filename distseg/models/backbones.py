@@ -14,7 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-BACKBONES: dict[str, Callable[..., "Backbone"]] = {}
+from distseg.core.registry import Registry
+
+# name -> factory(weights=None) -> Backbone; `timm:<model>` names are resolved by create_backbone, not here
+BACKBONES: Registry[Callable[..., Backbone]] = Registry("backbone", hint="or timm:<model name>")
 
 
 class Backbone(nn.Module):
@@ -33,21 +36,16 @@ class Backbone(nn.Module):
         return out[self.keys[0]], out[self.keys[1]]
 
 
-def register_backbone(name: str):
-    def deco(factory):
-        BACKBONES[name] = factory
-        return factory
-
-    return deco
+def register_backbone(name: str, **meta):
+    """Factory decorator: the backbone `name`, built as `factory(weights=...)`."""
+    return BACKBONES.register(name, **meta)
 
 
 def create_backbone(name: str, weights: str | None = None) -> Backbone:
     """The backbone called `name` (a registry name, or `timm:<model>` for any timm model)."""
     if name.startswith("timm:"):
         return _timm_backbone(name[len("timm:") :], weights)
-    if name not in BACKBONES:
-        raise KeyError(f"unknown backbone {name!r} (known: {', '.join(sorted(BACKBONES))}, or timm:<model name>)")
-    return BACKBONES[name](weights=weights)
+    return BACKBONES.build(name, weights=weights)  # unknown: KeyError listing the names (and timm:<model name>)
 
 
 def _load_local(model: nn.Module, path: str) -> None:
@@ -57,7 +55,9 @@ def _load_local(model: nn.Module, path: str) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     trunk_missing = [k for k in missing if not k.startswith("fc.")]
     if trunk_missing:
-        raise ValueError(f"backbone weights {path}: {len(trunk_missing)} trunk tensors missing, e.g. {trunk_missing[:3]}")
+        raise ValueError(
+            f"backbone weights {path}: {len(trunk_missing)} trunk tensors missing, e.g. {trunk_missing[:3]}"
+        )
 
 
 def _torchvision_resnet(name: str, weights: str | None) -> Backbone:
@@ -85,7 +85,9 @@ def _timm_backbone(name: str, weights: str | None) -> Backbone:
     try:
         indices = (reductions.index(8), reductions.index(16))
     except ValueError:
-        raise ValueError(f"timm model {name!r} has no stride-8 and stride-16 features (reductions {reductions})") from None
+        raise ValueError(
+            f"timm model {name!r} has no stride-8 and stride-16 features (reductions {reductions})"
+        ) from None
     kwargs = {}
     if weights is not None:
         if not Path(weights).is_file():

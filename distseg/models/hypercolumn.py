@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distseg.config import ModelConfig
 from distseg.models.backbones import create_backbone
+from distseg.models.config import ModelConfig
 
 
 def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
@@ -22,7 +22,9 @@ def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
 
 
 class HypercolumnNet(nn.Module):
-    def __init__(self, backbone: str = "resnet18", embed_dim: int = 32, head_channels: int = 256, weights: str | None = None):
+    def __init__(
+        self, backbone: str = "resnet18", embed_dim: int = 32, head_channels: int = 256, weights: str | None = None
+    ):
         super().__init__()
         self.backbone = create_backbone(backbone, weights)
         c3, c4 = self.backbone.channels
@@ -64,18 +66,3 @@ def load_network_weights(model: HypercolumnNet, checkpoint: str | Path) -> None:
             f"model.init_from: {path} does not fit this model (backbone, embed_dim and head_channels must match "
             f"the checkpoint's config.yaml): {' '.join(line.strip() for line in first)}"
         ) from None
-
-
-def load_embedding_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[HypercolumnNet, "object"]:
-    """(model in eval mode, its Config) from a checkpoint directory (model.pt + config.yaml)."""
-    from distseg.config import load_config
-
-    folder = Path(checkpoint)
-    for name in ("model.pt", "config.yaml"):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"checkpoint {folder}: {name} is missing (expected model.pt, config.yaml, meta.json)")
-    cfg = load_config(folder / "config.yaml")
-    model_cfg = cfg.model.model_copy(update={"weights": None, "init_from": None})  # the checkpoint holds every weight
-    model = create_model(model_cfg)
-    model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
-    return model.to(device).eval(), cfg

@@ -10,6 +10,7 @@ means the same region of the same image in both views. Pixels a view does not co
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from distseg.config import PretrainConfig
-from distseg.shards import decode_image, decode_png, decode_masks
-
-MASK_PRIORS = {"saliency"}  # priors whose segments are the foreground mask (1) vs background (0)
+from distseg.shards import decode_image, decode_masks, decode_png
 
 
 class IngestError(ValueError):
@@ -49,11 +48,19 @@ def check_prior(files: list[str], prior: str) -> None:
         )
 
 
-def segments_of(value: dict | None, prior: str, height: int, width: int) -> tuple[np.ndarray, np.ndarray | None] | None:
-    """(segment map int16, d_T or None) from one prior cell; None when the image has no usable segments."""
+def image_index(image_id: str) -> int:
+    """A stable int64 for an image id, carried into the batch so losses can tell images apart."""
+    return int.from_bytes(hashlib.blake2b(image_id.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def segments_of(value: dict | None, height: int, width: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """(segment map int16, d_T or None) from one prior cell; None when the image has no usable segments.
+
+    The cell says what it holds (the shard contract): a leaf-label map in `regions` (with `region_dist`
+    for ucm), or object `masks` (saliency), whose union becomes the foreground (1) against 0."""
     if value is None:
         return None
-    if prior in MASK_PRIORS:
+    if value.get("regions") is None:
         masks = decode_masks(value.get("masks"), height, width)
         if not masks:
             return None  # MaskContrast drops images without a salient object
@@ -61,8 +68,6 @@ def segments_of(value: dict | None, prior: str, height: int, width: int) -> tupl
         for m in masks:
             foreground |= m.mask
         return foreground.astype(np.int16), None
-    if value.get("regions") is None:
-        return None
     regions = decode_png(value["regions"]).astype(np.int16)
     dist = value.get("region_dist")
     if dist is not None:
@@ -104,7 +109,7 @@ class MakePairs:
         rows = table.to_pylist()
         kept = []
         for row in rows:
-            found = segments_of(row.get(cfg.prior), cfg.prior, int(row["height"]), int(row["width"]))
+            found = segments_of(row.get(cfg.prior), int(row["height"]), int(row["width"]))
             if found is None:
                 continue
             segments, dist = found
@@ -115,18 +120,27 @@ class MakePairs:
             padded = np.ones((cfg.max_regions, cfg.max_regions), np.float32)
             if dist is not None:
                 padded[: dist.shape[0], : dist.shape[0]] = dist
-            kept.append((decode_image(row["image"]), segments, padded))
-        v1, s1, v2_, s2, dists = [], [], [], [], []
-        for image, segments, padded in kept:
+            kept.append((decode_image(row["image"]), segments, padded, image_index(str(row.get("image_id")))))
+        c, k = cfg.crop, cfg.max_regions
+        out: dict[str, list] = {"view1": [], "seg1": [], "view2": [], "seg2": [], "dist": [], "image_index": []}
+        for image, segments, padded, index in kept:
             a, sa, b, sb = self.views(image, segments)
-            v1.append(a), s1.append(sa), v2_.append(b), s2.append(sb), dists.append(padded)
-        c = cfg.crop
-        if not v1:
-            empty = lambda shape, dt: np.zeros((0, *shape), dt)  # noqa: E731
-            return {"view1": empty((3, c, c), np.uint8), "seg1": empty((c, c), np.int16),
-                    "view2": empty((3, c, c), np.uint8), "seg2": empty((c, c), np.int16),
-                    "dist": empty((cfg.max_regions, cfg.max_regions), np.float32)}  # fmt: skip
-        return {"view1": np.stack(v1), "seg1": np.stack(s1), "view2": np.stack(v2_), "seg2": np.stack(s2), "dist": np.stack(dists)}
+            for key, value in zip(out, (a, sa, b, sb, padded, index)):
+                out[key].append(value)
+        if not kept:
+            shapes = {
+                "view1": ((3, c, c), np.uint8),
+                "seg1": ((c, c), np.int16),
+                "view2": ((3, c, c), np.uint8),
+                "seg2": ((c, c), np.int16),
+                "dist": ((k, k), np.float32),
+                "image_index": ((), np.int64),
+            }
+            return {key: np.zeros((0, *shape), dtype) for key, (shape, dtype) in shapes.items()}
+        return {
+            key: np.asarray(values, np.int64) if key == "image_index" else np.stack(values)
+            for key, values in out.items()
+        }
 
 
 def make_pairs(table: pa.Table, cfg: dict) -> dict[str, np.ndarray]:
@@ -156,8 +170,13 @@ def build_dataset(shards: str | Path, cfg: PretrainConfig, repeats: int = 1, cpu
     columns = ["image_id", "height", "width", "image", cfg.prior]
     passes = [ray.data.read_parquet(files, columns=columns, shuffle="files") for _ in range(repeats)]
     ds = passes[0].union(*passes[1:]) if repeats > 1 else passes[0]
-    return ds.map_batches(make_pairs, fn_kwargs={"cfg": cfg.model_dump(mode="json")},
-                          batch_format="pyarrow", batch_size=max(cfg.batch_size, 16), num_cpus=cpus_per_task)  # fmt: skip
+    return ds.map_batches(
+        make_pairs,
+        fn_kwargs={"cfg": cfg.model_dump(mode="json")},
+        batch_format="pyarrow",
+        batch_size=max(cfg.batch_size, 16),
+        num_cpus=cpus_per_task,
+    )
 
 
 def count_rows(shards: str | Path) -> int:

@@ -1,21 +1,28 @@
 """`distseg pretrain`: pixel embeddings from grouping shards with a Ray Train TorchTrainer.
 
-Runs are named by `cfg.name` under `<workdir>/ray_results`; rerunning with the same name resumes from
-the last checkpoint (Ray Train restores automatically) and continues the same MLflow run. The final
-checkpoint is copied to `<workdir>/checkpoints/<name>/` (model.pt, config.yaml, meta.json, loss.pt), the path
-`distseg evaluate --checkpoint` takes.
+Three steps, each callable on its own so a Ray Tune trial can wrap the same code:
+
+    cfg = prepare(cfg)                        # validate, start/attach Ray, shards (mine synthetic if none)
+    trainer = build_trainer(cfg, run_id, uri) # the dataset and the TorchTrainer (distseg.train.engine)
+    result = trainer.fit()                    # -> export(result, cfg): the checkpoint evaluation reads
+
+`pretrain(cfg)` runs them inside one MLflow run. Runs are named by `cfg.name` under
+`<workdir>/ray_results`; rerunning with the same name resumes from the last checkpoint (Ray Train
+restores automatically) and continues the same MLflow run. The final checkpoint is copied to
+`<workdir>/checkpoints/<name>/` (model.pt, config.yaml, meta.json, loss.pt, the method's extra state),
+the path `distseg evaluate --checkpoint` takes.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from distseg.checkpoint import export_checkpoint, read_meta
 from distseg.config import Config
-from distseg.train.ingest import build_dataset, count_rows, repeats_per_epoch
+from distseg.train.engine import TrainerSpec, absolute, cluster_cpus, worker_config
+from distseg.train.engine import build_trainer as engine_trainer
+from distseg.train.ingest import IngestError, build_dataset, count_rows, repeats_per_epoch
 from distseg.train.loop import train_loop_per_worker
 
 
@@ -32,7 +39,7 @@ def synthetic_shards(cfg: Config) -> str:
     import cv2
 
     from distseg.data import open_dataset
-    from distseg.mine import mine
+    from distseg.mining import mine
 
     workdir = Path(cfg.workdir).resolve()
     images, shards = workdir / "synthetic" / "images", workdir / "synthetic" / "mined"
@@ -50,87 +57,104 @@ def synthetic_shards(cfg: Config) -> str:
     return str(shards)
 
 
-def _run_id_file(storage: Path, name: str) -> Path:
-    return storage / name / "mlflow_run_id"
+def check_config(cfg: Config) -> Config:
+    """Checks that need no cluster: the method's prior kind, `model.init_from` (loaded once). Returns
+    a copy with local paths made absolute for the workers."""
+    from distseg.grouping.priors import prior_yields
+    from distseg.methods import METHODS
+
+    method = METHODS.get(cfg.pretrain.method)
+    if prior_yields(cfg.pretrain.prior) != method.prior_yields:
+        raise IngestError(
+            f"pretrain.method={method.name} learns from a prior that yields {method.prior_yields}, but "
+            f"pretrain.prior={cfg.pretrain.prior} yields {prior_yields(cfg.pretrain.prior)} "
+            f"(use pretrain.prior={method.default_prior})"
+        )
+    cfg = cfg.model_copy(deep=True)
+    if cfg.model.init_from:
+        from distseg.models import create_model
+
+        cfg.model.init_from = absolute(cfg.model.init_from)
+        create_model(cfg.model)  # a wrong path or architecture fails here, before Ray or mining starts
+    cfg.pretrain.data = absolute(cfg.pretrain.data)
+    return cfg
+
+
+def prepare(cfg: Config) -> Config:
+    """Validate, start (or attach to) Ray, and make sure there are shards: returns the resolved config."""
+    from distseg.cluster import init_ray
+
+    cfg = check_config(cfg)
+    ray_cfg = cfg.ray.model_copy()
+    cluster_cpus(ray_cfg, cfg.pretrain.num_workers * cfg.pretrain.cpus_per_worker + 1)
+    init_ray(ray_cfg)
+    if cfg.pretrain.data is None:
+        cfg.pretrain.data = absolute(synthetic_shards(cfg))
+    return cfg
+
+
+def build_trainer(
+    cfg: Config,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    *,
+    name: str | None = None,
+    storage: str | Path | None = None,
+    callbacks: list | None = None,
+    memory_batches: int = 8,
+):
+    """The streaming dataset and the TorchTrainer of a prepared config (Ray must be up)."""
+    import ray.data
+
+    pcfg = cfg.pretrain
+    rows = count_rows(pcfg.data)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # per-step bars would flood the log
+    dataset = build_dataset(pcfg.data, pcfg, repeats_per_epoch(rows, pcfg, pcfg.num_workers))
+    spec = TrainerSpec(
+        name=name or cfg.name,
+        storage=Path(storage) if storage else Path(cfg.workdir).resolve() / "ray_results",
+        num_workers=pcfg.num_workers,
+        cpus_per_worker=pcfg.cpus_per_worker,
+        use_gpu=pcfg.use_gpu,
+        max_failures=pcfg.max_failures,
+        num_to_keep=pcfg.num_to_keep,
+        datasets={"train": dataset},
+    )
+    loop_config = worker_config(cfg, run_id, tracking_uri, memory_batches=memory_batches)
+    return engine_trainer(train_loop_per_worker, loop_config, spec, callbacks=callbacks)
+
+
+def export(result, cfg: Config) -> Path:
+    """Copy the run's final checkpoint (all but the optimizer state) to <workdir>/checkpoints/<name>."""
+    if result.checkpoint is None:
+        raise RuntimeError(f"pretraining run {cfg.name} ended without a checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        return export_checkpoint(folder, Path(cfg.workdir).resolve() / "checkpoints" / cfg.name)
 
 
 def pretrain(cfg: Config, memory_batches: int = 8) -> PretrainResult:
     """Train `cfg.pretrain.method` on the shards in `cfg.pretrain.data` (resumes a run of the same name)."""
     import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
-    from distseg.cluster import init_ray
     from distseg.tracking import start_run
 
-    if cfg.model.init_from:
-        from distseg.models import create_model
-
-        # absolute for the workers, and checked here so a wrong path fails before Ray or mining starts
-        cfg = cfg.model_copy(deep=True)
-        cfg.model.init_from = str(Path(cfg.model.init_from).resolve())
-        create_model(cfg.model)
-    pcfg = cfg.pretrain
-    workdir = Path(cfg.workdir).resolve()
-    ray_cfg = cfg.ray.model_copy()
-    if ray_cfg.num_cpus is None and not (ray_cfg.address or os.environ.get("RAY_ADDRESS")):
-        # a local cluster needs room for the ingest tasks beside the training workers
-        ray_cfg.num_cpus = max(os.cpu_count() or 1, pcfg.num_workers * pcfg.cpus_per_worker + 1)
-    init_ray(ray_cfg)
-    shards = pcfg.data or synthetic_shards(cfg)
-    if "://" not in shards:
-        shards = str(Path(shards).resolve())
-    cfg = cfg.model_copy(deep=True)
-    cfg.pretrain.data = shards
-    rows = count_rows(shards)
-    repeats = repeats_per_epoch(rows, cfg.pretrain, pcfg.num_workers)
-    context = ray.data.DataContext.get_current()
-    progress, context.enable_progress_bars = context.enable_progress_bars, False  # per-step bars would flood the log
-    dataset = build_dataset(shards, cfg.pretrain, repeats)
-
-    storage = workdir / "ray_results"
-    id_file = _run_id_file(storage, cfg.name)
+    cfg = prepare(cfg)
+    shards = cfg.pretrain.data
+    id_file = Path(cfg.workdir).resolve() / "ray_results" / cfg.name / "mlflow_run_id"
     previous = id_file.read_text().strip() if id_file.is_file() else None
-    tags = {"stage": "pretrain", "method": pcfg.method, "shards": shards, "shard_rows": rows}
+    tags = {"stage": "pretrain", "method": cfg.pretrain.method, "shards": shards, "shard_rows": count_rows(shards)}
+    context = ray.data.DataContext.get_current()
+    progress = context.enable_progress_bars
     with start_run(cfg, run_name=cfg.name, tags=tags, run_id=previous) as tracker:
         id_file.parent.mkdir(parents=True, exist_ok=True)
         id_file.write_text(tracker.run_id)
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={
-                "config": cfg.model_dump(mode="json"),
-                "run_id": tracker.run_id,
-                "tracking_uri": tracker.uri,
-                "memory_batches": memory_batches,
-            },
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=pcfg.num_workers,
-                use_gpu=pcfg.use_gpu,
-                resources_per_worker={"CPU": pcfg.cpus_per_worker},
-            ),
-            run_config=ray.train.RunConfig(
-                name=cfg.name,
-                storage_path=str(storage),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=pcfg.num_to_keep),
-                failure_config=ray.train.FailureConfig(max_failures=pcfg.max_failures),
-            ),
-            datasets={"train": dataset},
-        )
         try:
+            trainer = build_trainer(cfg, tracker.run_id, tracker.uri, memory_batches=memory_batches)
             result = trainer.fit()
         finally:
             context.enable_progress_bars = progress
-        if result.checkpoint is None:
-            raise RuntimeError(f"pretraining run {cfg.name} ended without a checkpoint")
-        final = workdir / "checkpoints" / cfg.name
-        if final.exists():
-            shutil.rmtree(final)
-        with result.checkpoint.as_directory() as d:
-            final.mkdir(parents=True)
-            for path in Path(d).iterdir():  # all but the optimizer state: what evaluation needs
-                if path.name != "optimizer.pt":
-                    shutil.copy2(path, final / path.name)
-        meta = json.loads((final / "meta.json").read_text())
+        final = export(result, cfg)
         tracker.set_tags({"checkpoint": str(final)})
-    return PretrainResult(checkpoint=final, run_id=tracker.run_id, metrics=meta.get("metrics", {}), shards=shards)
-
+    return PretrainResult(
+        checkpoint=final, run_id=tracker.run_id, metrics=read_meta(final).get("metrics", {}), shards=shards
+    )

@@ -32,13 +32,17 @@ training code.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from distseg.losses import register_loss, zero_loss
+from distseg.core.section import Section
+from distseg.losses import zero_loss
+from distseg.methods.base import Method, Views, register_method
 
 
 def mask_prototypes(keys: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +94,6 @@ def balanced_bce(logits: torch.Tensor, seg: torch.Tensor) -> torch.Tensor | None
     return F.binary_cross_entropy_with_logits(logits[valid], target, weight=weight)
 
 
-@register_loss("maskcontrast")
 class MaskContrastLoss(nn.Module):
     """MaskContrast's pixel-to-mask-prototype contrast with a prototype queue and a saliency head (module docstring)."""
 
@@ -163,3 +166,57 @@ class MaskContrastLoss(nn.Module):
             "proto_acc": hit.float().mean() if len(hit) else zero,
             "chance_loss": emb1.new_tensor(math.log(max(candidates, 1.0))),
         }
+
+
+class MaskContrastParams(Section):
+    """`losses.maskcontrast`: the prototype contrast, its queue and the momentum encoder."""
+
+    temperature: float = Field(0.5, gt=0, description="contrastive temperature tau")
+    queue_size: int = Field(128, ge=1, description="queue of past mask prototypes K")
+    momentum: float = Field(0.999, ge=0, lt=1, description="momentum m of the key encoder")
+    saliency_weight: float = Field(
+        1.0, ge=0, description="weight of the saliency head's balanced BCE (0: contrast only)"
+    )
+
+
+@register_method("maskcontrast", params=MaskContrastParams)
+class MaskContrast(Method):
+    """MaskContrast: pixels against mask prototypes of a momentum (key) encoder, with a queue.
+
+    The key encoder is an EMA copy of the network kept in train mode (batch statistics), as MoCo's:
+    in eval mode its BN would use running statistics that lag far behind the query's (an EMA of an
+    EMA) and put the keys on another scale."""
+
+    loss_class = MaskContrastLoss
+    prior_yields = "masks"
+    default_prior = "saliency"
+
+    def loss_kwargs(self) -> dict:
+        return {**self.params.model_dump(), "dim": self.cfg.model.embed_dim}
+
+    def setup(self, net: nn.Module, loss: nn.Module, device: torch.device) -> None:
+        super().setup(net, loss, device)
+        self.key_encoder = copy.deepcopy(net).to(device).train()
+        for p in self.key_encoder.parameters():
+            p.requires_grad_(False)
+
+    def extra_inputs(self, views: Views, amp: bool) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            k1, k2 = self.embed(self.key_encoder, views.images, amp).chunk(2)
+        return {"key1": k1, "key2": k2}
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        m = float(self.params.momentum)
+        for pk, pq in zip(self.key_encoder.state_dict().values(), self.net.state_dict().values()):
+            if pk.dtype.is_floating_point:
+                pk.mul_(m).add_(pq.detach(), alpha=1 - m)
+            else:
+                pk.copy_(pq)
+
+    def extra_state(self) -> dict[str, dict]:
+        return {"key_encoder": self.key_encoder.state_dict()}
+
+    def load_extra_state(self, states: dict[str, dict]) -> None:
+        if "key_encoder" in states:
+            self.key_encoder.load_state_dict(states["key_encoder"])

@@ -24,16 +24,19 @@ Provenance: the paper's method section was not reachable from this workplace (on
 so the formulas above are not checked against its text. Eq. 2 is as the project specifies it (d_T
 with temperature sigma_p, own region cast to 1); Eq. 3 as the complement of Eq. 2 and Eq. 1 as a
 multi-positive InfoNCE are this module's reading. tau = 0.3 is the project default
-(distseg.config.HiergroupLoss), not confirmed from the paper. Without `dist` a flat partition is
+(HiergroupParams), not confirmed from the paper. Without `dist` a flat partition is
 assumed (d_T = 0 within a region, 1 across regions).
 """
 
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from distseg.losses import info_nce, random_subset, register_loss, zero_loss
+from distseg.core.section import Section
+from distseg.losses import info_nce, random_subset, zero_loss
+from distseg.methods.base import Method, register_method
 
 
 def positive_probability(d: torch.Tensor, sigma_p: float) -> torch.Tensor:
@@ -82,7 +85,6 @@ def _draw(weights: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, ok[:, None].expand(-1, k)
 
 
-@register_loss("hiergroup")
 class HierGroupLoss(nn.Module):
     """Zhang & Maire's hierarchical-grouping pixel-pair contrast (module docstring: Eqs. 1-3)."""
 
@@ -184,3 +186,23 @@ class HierGroupLoss(nn.Module):
 
 def _mean(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.mean().detach() if len(values) else like.new_zeros(())
+
+
+class HiergroupParams(Section):
+    """`losses.hiergroup`: the sampling and contrast of Zhang & Maire's loss (Eqs. 1-3)."""
+
+    sigma_p: float = Field(0.8, gt=0, description="temperature of the positive-sampling probability (Eq. 2)")
+    temperature: float = Field(0.3, gt=0, description="contrastive temperature (Eq. 1)")
+    regions_per_image: int = Field(7, ge=1, description="anchor regions sampled per image")
+    num_pos: int = Field(10, ge=1, description="positives per anchor pixel")
+    num_neg: int = Field(5, ge=1, description="negatives per anchor pixel (within the image)")
+    cns: int = Field(5, ge=0, description="cross-image negatives per anchor pixel")
+
+
+@register_method("hiergroup", params=HiergroupParams)
+class HierGroup(Method):
+    """Zhang & Maire: pixel pairs sampled from the UCM region tree (the `ucm` prior's d_T)."""
+
+    loss_class = HierGroupLoss
+    prior_yields = "regions"
+    default_prior = "ucm"

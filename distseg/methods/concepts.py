@@ -29,9 +29,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from distseg.losses import random_subset, register_loss, zero_loss
+from distseg.core.section import Section
+from distseg.losses import random_subset, zero_loss
+from distseg.methods.base import Method, register_method
 
 
 def segment_embeddings(emb: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -62,7 +65,6 @@ def vq_loss(segments: torch.Tensor, concepts: torch.Tensor, beta: float) -> tupl
     return codebook + beta * commitment, assign
 
 
-@register_loss("concepts")
 class ConceptsLoss(nn.Module):
     """He et al.'s L_s + L_v + L_c with a concept dictionary and a memory bank (module docstring)."""
 
@@ -170,3 +172,27 @@ class ConceptsLoss(nn.Module):
         self._push(seg_emb)
         loss = self.lambda_s * loss_s + self.lambda_v * loss_v + self.lambda_c * loss_c
         return {"loss": loss, "loss_s": loss_s.detach(), "loss_v": loss_v.detach(), "loss_c": loss_c.detach()}
+
+
+class ConceptsParams(Section):
+    """`losses.concepts`: He et al.'s L_s, L_v, L_c and the memory bank (Eq. 5)."""
+
+    kappa: float = Field(10.0, gt=0, description="concentration of the pixel-to-segment contrast L_s")
+    num_concepts: int = Field(512, ge=2, description="concept dictionary size K")
+    beta: float = Field(0.5, ge=0, description="VQ commitment weight")
+    lambda_s: float = Field(1.0, ge=0, description="weight of L_s")
+    lambda_v: float = Field(2.0, ge=0, description="weight of L_v")
+    lambda_c: float = Field(1.0, ge=0, description="weight of L_c")
+    bank_batches: int = Field(2, ge=0, description="memory bank: segment embeddings of this many past batches")
+
+
+@register_method("concepts", params=ConceptsParams)
+class Concepts(Method):
+    """He et al.: pixel-to-segment contrast plus a VQ concept dictionary (a loss parameter)."""
+
+    loss_class = ConceptsLoss
+    prior_yields = "regions"
+    default_prior = "ucm"
+
+    def loss_kwargs(self) -> dict:
+        return {**self.params.model_dump(), "dim": self.cfg.model.embed_dim}

@@ -1,0 +1,96 @@
+"""``kmeans``: spherical k-means of the eval pixels into C clusters, matched to the classes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from pydantic import Field
+
+from distseg.core.constants import IGNORE_INDEX
+from distseg.core.section import Section
+from distseg.eval.metrics import ConfusionMatrix, contingency, hungarian_match, majority_vote_match, remap
+from distseg.eval.protocols.base import (
+    EvalResult,
+    Evaluator,
+    FeatureSample,
+    _l2_normalize,
+    _mapped_confusion,
+    _nearest,
+    _pixels,
+    _spherical_kmeans,
+    _subsample_rows,
+    register_protocol,
+    resize_nearest,
+)
+
+
+class KMeansParams(Section):
+    """``evaluate.protocol_args.kmeans``."""
+
+    overcluster: int | None = Field(
+        None, ge=1, description="k clusters, each mapped to its majority class (None: C clusters, Hungarian)"
+    )
+    max_fit_pixels: int = Field(100_000, ge=1, description="pixels drawn at random (seeded) to fit the centroids")
+    niter: int = Field(30, ge=1, description="k-means iterations")
+
+
+@register_protocol("kmeans", headline="miou", params=KMeansParams, stochastic=True)
+class KMeansProtocol(Evaluator):
+    """Spherical k-means of all eval pixel embeddings, clusters matched to classes.
+
+    With ``overcluster=None`` there are ``num_classes`` clusters matched one-to-one (Hungarian);
+    with ``overcluster=k`` there are ``k`` clusters, each mapped to its majority class. The fit uses
+    at most ``max_fit_pixels`` pixels drawn at random (seeded); every pixel is then assigned.
+    Labels are used only for the matching. The eval features are cached (L2-normalised float32
+    at feature resolution) until :meth:`evaluate`.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: Sequence[str] | None = None,
+        seed: int = 0,
+        ignore_index: int = IGNORE_INDEX,
+        num_examples: int = 4,
+        *,
+        overcluster: int | None = None,
+        max_fit_pixels: int = 100_000,
+        niter: int = 30,
+    ) -> None:
+        self.overcluster = overcluster
+        self.max_fit_pixels = max_fit_pixels
+        self.niter = niter
+        super().__init__(num_classes, class_names, seed, ignore_index, num_examples)
+
+    def _reset(self) -> None:
+        self._samples: list[tuple[str, np.ndarray, tuple[int, int], np.ndarray | None]] = []
+
+    def _process_eval(self, sample: FeatureSample) -> None:
+        label = None if sample.label is None else self._clean_label(sample.label)
+        x = _l2_normalize(_pixels(sample.features))
+        self._samples.append((sample.image_id, x, sample.features.shape[1:], label))
+
+    def evaluate(self) -> EvalResult:
+        if not self._samples:
+            raise ValueError("kmeans: no eval-split samples were processed")
+        rng = np.random.default_rng(self.seed)
+        fit = _subsample_rows([s[1] for s in self._samples], self.max_fit_pixels, rng)
+        centroids = _spherical_kmeans(fit, self.overcluster or self.num_classes, self.seed, self.niter)
+        k = centroids.shape[0]
+        cont = np.zeros((self.num_classes, k), dtype=np.int64)
+        examples: dict[str, np.ndarray] = {}
+        for image_id, x, shape, label in self._samples:
+            if label is None:
+                continue
+            clusters = resize_nearest(_nearest(x, centroids)[1].reshape(shape), label.shape)
+            cont += contingency(clusters, label, k, self.num_classes, self.ignore_index)
+            if len(examples) < self.num_examples:
+                examples[image_id] = clusters
+        if self.overcluster:
+            mapping = majority_vote_match(cont)
+        else:
+            mapping = hungarian_match(cont, majority=True)
+        cm = _mapped_confusion(cont, mapping, ConfusionMatrix(self.num_classes, self.ignore_index))
+        predictions = {i: self._example(remap(c, mapping)) for i, c in examples.items()}
+        return self._result(cm, {"num_clusters": float(k)}, predictions)

@@ -1,0 +1,130 @@
+"""A pretraining method as one unit, and the registry of methods.
+
+A method is one module under distseg/methods/ holding everything that is specific to it:
+
+- its parameters model (`Params`): the config section `losses.<name>`, contributed to the config;
+- the prior it learns from (`prior_yields`: "regions" or "masks"; `default_prior`);
+- its loss (`build_loss`) and, through `build_model`, the network (the hypercolumn net by default);
+- its training step (`forward`: the two augmented views -> loss terms) and any per-step extras
+  (`after_step`, e.g. MaskContrast's momentum encoder), with their state (`extra_state`), which the
+  checkpoint saves beside model.pt.
+
+The generic Ray Train loop (distseg.train.loop) names no method: it calls these hooks. Register a
+method with `@register_method("name", params=MyParams)` on a `Method` subclass; a config selects it
+with `pretrain.method: name`, and a user's own method in a file is loaded with `plugins: [my.py]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distseg.core.registry import Registry
+from distseg.core.section import Section
+
+if TYPE_CHECKING:
+    from distseg.config import Config
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def register_method(name: str, params: type[Section]):
+    """Class decorator: register a `Method` subclass under `name` with its params model."""
+
+    def deco(cls: type[Method]) -> type[Method]:
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise TypeError(f"method {name!r}: register a Method subclass, got {cls!r}")
+        cls.name, cls.Params = name, params
+        METHODS.register(name, cls, params=params)
+        return cls
+
+    return deco
+
+
+def create_method(cfg: Config) -> Method:
+    """The method `cfg.pretrain.method` names, set up with its section `cfg.losses.<name>`."""
+    return METHODS.get(cfg.pretrain.method)(cfg)
+
+
+def create_loss(name: str, **kwargs: Any) -> nn.Module:
+    """The loss of method `name`, built with the loss class's keyword arguments (tests, notebooks)."""
+    return METHODS.get(name).loss_class(**kwargs)
+
+
+@dataclass
+class Views:
+    """One training batch on the device: two augmented views of B images."""
+
+    images: torch.Tensor  # (2B, 3, S, S) normalised: view 1 then view 2
+    seg1: torch.Tensor  # (B, S, S) int64 segment ids (consistent across views), -1 = ignore
+    seg2: torch.Tensor
+    dist: torch.Tensor | None  # (B, K, K) tree distances d_T between leaf regions (ucm prior)
+    image_ids: torch.Tensor | None = None  # (B,) int64: which image each row is (same id = same image)
+
+
+def resize_segments(seg: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Segment ids at the embedding resolution (nearest)."""
+    return F.interpolate(seg[:, None].float(), size=size, mode="nearest")[:, 0].long()
+
+
+class Method:
+    """Base class: the two views through the network, then the method's loss (override what differs)."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[Section]] = Section
+    loss_class: ClassVar[type[nn.Module]]
+    prior_yields: ClassVar[str] = "regions"  # what the shard prior must hold: "regions" or "masks"
+    default_prior: ClassVar[str] = "ucm"
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.params = getattr(cfg.losses, self.name)
+        self.net: nn.Module | None = None
+        self.loss: nn.Module | None = None
+
+    # -- construction ---------------------------------------------------------------------------
+    def loss_kwargs(self) -> dict[str, Any]:
+        return self.params.model_dump()
+
+    def build_model(self) -> nn.Module:
+        from distseg.models import create_model
+
+        return create_model(self.cfg.model)
+
+    def build_loss(self) -> nn.Module:
+        return self.loss_class(**self.loss_kwargs())
+
+    def setup(self, net: nn.Module, loss: nn.Module, device: torch.device) -> None:
+        """Called once per worker after the network (unwrapped, on `device`) and the loss exist."""
+        self.net, self.loss = net, loss
+
+    # -- one step -------------------------------------------------------------------------------
+    def embed(self, model: nn.Module, images: torch.Tensor, amp: bool) -> torch.Tensor:
+        with torch.autocast(images.device.type, enabled=amp):
+            return model(images).float()
+
+    def forward(self, model: nn.Module, views: Views, amp: bool = False) -> dict[str, torch.Tensor]:
+        """Loss terms for one batch ("loss" is the total to backpropagate)."""
+        emb1, emb2 = self.embed(model, views.images, amp).chunk(2)
+        size = tuple(emb1.shape[-2:])
+        seg1, seg2 = resize_segments(views.seg1, size), resize_segments(views.seg2, size)
+        return self.loss(emb1, emb2, seg1, seg2, dist=views.dist, **self.extra_inputs(views, amp))
+
+    def extra_inputs(self, views: Views, amp: bool) -> dict[str, torch.Tensor]:
+        """More keyword inputs of the loss (e.g. momentum-encoder keys)."""
+        return {}
+
+    def after_step(self) -> None:
+        """After each optimizer step (e.g. a momentum-encoder update)."""
+
+    # -- state beside model.pt, optimizer.pt and loss.pt ----------------------------------------
+    def extra_state(self) -> dict[str, dict]:
+        """Name -> state_dict of anything else a resume needs (saved as <name>.pt)."""
+        return {}
+
+    def load_extra_state(self, states: dict[str, dict]) -> None:
+        """Restore what `extra_state` saved (a state missing from an older checkpoint is absent)."""

@@ -1,0 +1,66 @@
+"""Where mining reads and writes: URIs to pyarrow filesystems, the input images, the ids already mined."""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+SHARDS = "shards"  # folder of the shard files under the output URI
+ERRORS = "errors"  # folder of the errors table under the output URI
+
+
+def resolve_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and path for a local path, file://, s3:// or gs:// URI."""
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), str(Path(uri).resolve())
+
+
+def list_images(input_uri: str, extensions: list[str]) -> dict[str, str]:
+    """image_id -> URI for every image under a folder (recursive) or matching a glob pattern."""
+    from distseg.data.folder import assign_ids
+
+    pattern = None
+    if any(ch in input_uri for ch in "*?["):
+        head = input_uri
+        while any(ch in head.rsplit("/", 1)[-1] for ch in "*?[") or any(ch in head for ch in "*?["):
+            head = head.rsplit("/", 1)[0]
+        pattern = input_uri[len(head) :].lstrip("/")
+        input_uri = head
+    fs, root = resolve_uri(input_uri)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"mine input not found: {input_uri}")
+    if info.type == pafs.FileType.File:
+        infos, root = [info], root.rsplit("/", 1)[0]
+    else:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    rel_paths = [i.path[len(root) :].lstrip("/") for i in infos if i.type == pafs.FileType.File]
+    if pattern:
+        rel_paths = [r for r in rel_paths if fnmatch.fnmatch(r, pattern)]
+    prefix = input_uri.split("://", 1)[0] + "://" if "://" in input_uri else ""
+    ids = assign_ids(rel_paths, tuple(extensions))
+    return {image_id: f"{prefix}{root}/{rel}" for image_id, rel in ids.items()}
+
+
+def read_ids(fs: pafs.FileSystem, folder: str) -> list[str]:
+    """The image_id column of every Parquet file in `folder` (none if the folder does not exist)."""
+    ids: list[str] = []
+    if fs.get_file_info(folder).type != pafs.FileType.Directory:
+        return ids
+    for info in fs.get_file_info(pafs.FileSelector(folder)):
+        if info.path.endswith(".parquet"):
+            ids += pq.read_table(info.path, columns=["image_id"], filesystem=fs).column("image_id").to_pylist()
+    return ids
+
+
+def done_ids(output_uri: str, include_errors: bool = True) -> set[str]:
+    """The image ids already in the shards (and, with include_errors, in the errors table) of output_uri."""
+    fs, root = resolve_uri(output_uri)
+    ids = set(read_ids(fs, f"{root}/{SHARDS}"))
+    if include_errors:
+        ids |= set(read_ids(fs, f"{root}/{ERRORS}"))
+    return ids

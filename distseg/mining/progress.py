@@ -1,0 +1,54 @@
+"""The progress line of a mining run: images done, images/s, errors, ETA."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+PROGRESS_LOG_SECONDS = 10.0  # interval of the images/s progress line
+
+
+class ProgressLine:
+    """While mining, a line on stderr every `interval` seconds: images done, images/s, errors, ETA.
+
+    Ray Data's progress shows no rate in its non-terminal log (ray job logs, CI, a pipe), and on a
+    terminal its operator bar's long description pushes the rows/s past the line's end, so this line
+    is printed in both cases (Ray's driver print keeps its bars intact). Rates count from the first
+    image started, so Ray and actor start-up do not dilute them."""
+
+    def __init__(self, monitor, interval: float = PROGRESS_LOG_SECONDS):
+        self.monitor = monitor
+        self.interval = interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="distseg-mine-progress", daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+    def _run(self) -> None:
+        import ray
+
+        while not self.stop.wait(self.interval):
+            try:
+                p = ray.get(self.monitor.progress.remote(), timeout=self.interval)
+            except Exception:  # a slow or restarting cluster: skip this tick
+                continue
+            print(format_progress(p, time.time()), file=sys.stderr, flush=True)
+
+
+def format_progress(p: dict, now: float) -> str:
+    done, total = p["finished"], p["total"]
+    line = f"mine: {done}/{total} images"
+    if p["first_begin"] is not None and done:
+        elapsed = max(1e-9, (p["last_end"] or now) - p["first_begin"])
+        rate = done / elapsed
+        eta = (total - done) / rate if rate > 0 else float("inf")
+        line += f", {rate:.2f} images/s, ETA {eta:.0f} s"
+    line += f", {p['errors']} errors"
+    return line + (f" ({p['crashed']} worker crashes)" if p["crashed"] else "")

@@ -1,0 +1,169 @@
+"""The one Ray Train harness every training stage uses (pretraining, edge training, Tune trials).
+
+Driver side: `build_trainer(loop, loop_config, spec)` returns a `TorchTrainer` named `spec.name` under
+`spec.storage` (rerunning the same name resumes: Ray Train restores the last checkpoint). A caller fits
+it itself (`trainer.fit()`), or a Ray Tune trial wraps the same construction.
+
+Worker side: `WorkerSession(loop_config, threads)` gives rank, world size, device, the MLflow tracker
+(rank 0), resume (`restore`), the report cadence (`due`) and `report`, which saves a checkpoint
+folder (distseg.checkpoint's contract) on rank 0 and hands it to Ray Train.
+
+    def loop(loop_config):
+        session = WorkerSession(loop_config, threads=cfg.pretrain.cpus_per_worker)
+        start = session.restore(model=net, optimizer=opt).get("step", 0)
+        for step in range(start, total):
+            ...
+            if session.due(step + 1, log_every, checkpoint_every, total):
+                session.report(step + 1, metrics, states=lambda: {"model": net.state_dict(), ...})
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distseg.checkpoint import CheckpointMismatch, git_sha, restore_checkpoint, save_checkpoint
+from distseg.config import Config, build_config
+
+
+@dataclass
+class TrainerSpec:
+    """How a training run is placed on the cluster and where its checkpoints go."""
+
+    name: str
+    storage: Path
+    num_workers: int = 1
+    cpus_per_worker: int = 1
+    use_gpu: bool = False
+    max_failures: int = 0
+    num_to_keep: int | None = None
+    datasets: dict[str, Any] = field(default_factory=dict)
+
+
+def worker_config(cfg: Config, run_id: str | None = None, tracking_uri: str | None = None, **extra: Any) -> dict:
+    """The `train_loop_config` every distseg loop takes: the config as plain data plus the MLflow run."""
+    return {"config": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": tracking_uri, **extra}
+
+
+def build_trainer(loop: Callable[[dict], None], loop_config: dict, spec: TrainerSpec, callbacks: list | None = None):
+    """A TorchTrainer for `loop`; the same (storage, name) resumes from its last checkpoint."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    sha = git_sha()
+    env = {"DISTSEG_GIT_SHA": sha} if sha else {}
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=spec.num_workers,
+            use_gpu=spec.use_gpu,
+            resources_per_worker={"CPU": spec.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=spec.name,
+            storage_path=str(spec.storage),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.num_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
+            callbacks=callbacks,
+            worker_runtime_env={"env_vars": env} if env else None,
+        ),
+        datasets=spec.datasets or None,
+    )
+
+
+class WorkerSession:
+    """Per-worker context of a distseg Ray Train loop (see the module docstring)."""
+
+    def __init__(self, loop_config: dict, threads: int = 1, seed: int | None = None):
+        import ray.train
+        import ray.train.torch
+
+        from distseg.tracking import Tracker
+
+        self.loop_config = loop_config
+        self.cfg: Config = build_config(loop_config["config"])
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        torch.set_num_threads(threads)
+        torch.manual_seed((self.cfg.seed if seed is None else seed) + self.rank)
+        self.device: torch.device = ray.train.torch.get_device()
+        self.on_gpu = self.device.type == "cuda"
+        self.run_id = loop_config.get("run_id")
+        uri = loop_config.get("tracking_uri")
+        self.tracker = Tracker.attach(self.run_id, uri) if self.rank == 0 and self.run_id and uri else None
+
+    def restore(self, optional: tuple[str, ...] = (), **objects: Any) -> dict:
+        """Load the run's last checkpoint into `objects` (name -> object with load_state_dict).
+
+        Returns its meta.json ({} on a fresh start). A checkpoint saved by another model, loss or
+        optimizer raises CheckpointMismatch saying how to start over."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if not checkpoint:
+            return {}
+        with checkpoint.as_directory() as folder:
+            try:
+                return restore_checkpoint(folder, self.device, optional=optional, **objects)
+            except CheckpointMismatch as err:
+                raise CheckpointMismatch(
+                    f"run {self.cfg.name!r} cannot resume from {checkpoint.path}: it was saved by a different model, "
+                    f"loss or optimizer than this config and code build ({str(err).split(': ', 1)[-1]}). Start a new "
+                    f"run with another name=..., or delete that run's folder to start it over."
+                ) from None
+
+    @staticmethod
+    def due(step: int, log_every: int, checkpoint_every: int, total: int) -> tuple[bool, bool]:
+        """(report now, checkpoint now) after `step` steps."""
+        checkpoint = step % checkpoint_every == 0 or step == total
+        return checkpoint or step % log_every == 0, checkpoint
+
+    def report(
+        self, step: int, metrics: dict, states: Callable[[], dict] | None = None, epoch: int | None = None
+    ) -> None:
+        """Log `metrics` to MLflow (rank 0) and Ray Train; with `states`, also save a checkpoint.
+
+        `states()` is called on rank 0 only and returns name -> state_dict (model first)."""
+        import ray.train
+
+        metrics = {**metrics, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if self.tracker:
+            self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
+        metrics = {"step": step, **metrics}
+        if states is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if self.rank == 0:
+                save_checkpoint(
+                    tmp, cfg=self.cfg, step=step, metrics=metrics, epoch=epoch, run_id=self.run_id, **states()
+                )
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DistributedDataParallel wrapper (what checkpoints hold)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def absolute(path: str | None) -> str | None:
+    """A local path made absolute (Ray workers run in another working directory); URIs unchanged."""
+    if path is None or "://" in path:
+        return path
+    return str(Path(path).resolve())
+
+
+def cluster_cpus(cfg_ray, needed: int) -> None:
+    """A local cluster needs room for ingest tasks beside the training workers (sets ray.num_cpus)."""
+    if cfg_ray.num_cpus is None and not (cfg_ray.address or os.environ.get("RAY_ADDRESS")):
+        cfg_ray.num_cpus = max(os.cpu_count() or 1, needed)
