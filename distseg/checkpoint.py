@@ -39,7 +39,7 @@ class CheckpointMismatch(RuntimeError):
 
 
 def git_sha() -> str | None:
-    """$DISTSEG_GIT_SHA (set by the driver for its workers), else the sha of the checkout, else None."""
+    """$DISTSEG_GIT_SHA (e.g. set by a job that ships no .git), else the checkout's HEAD, else None."""
     if os.environ.get("DISTSEG_GIT_SHA"):
         return os.environ["DISTSEG_GIT_SHA"]
     try:
@@ -65,9 +65,11 @@ def save_checkpoint(
     metrics: dict | None = None,
     epoch: int | None = None,
     run_id: str | None = None,
+    sha: str | None = None,
     **states: dict | None,
 ) -> Path:
-    """Write each state_dict in `states` as `<name>.pt` (None is skipped), config.yaml and meta.json."""
+    """Write each state_dict in `states` as `<name>.pt` (None is skipped), config.yaml and meta.json
+    (`sha`: the code version, default this checkout's)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, state in states.items():
@@ -78,7 +80,7 @@ def save_checkpoint(
         "step": step,
         "epoch": epoch,
         "metrics": metrics or {},
-        "git_sha": git_sha(),
+        "git_sha": sha or git_sha(),
         "config_hash": config_hash_of(cfg),
         "mlflow_run_id": run_id,
         "time": time.time(),

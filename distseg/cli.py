@@ -130,7 +130,9 @@ def evaluate(
         None, "--data", help="msrc | davis | synthetic | folder:PATH (default: the config's evaluate.data)"
     ),
     protocols: str | None = typer.Option(
-        None, "--protocols", help="comma list: linear,kmeans,knn,retrieval,davis,purity"
+        None,
+        "--protocols",
+        help="comma list: dataset_kmeans, linear, knn, retrieval, davis, davis_zm, purity, segment_purity, position",
     ),
     seeds: int | None = typer.Option(None, "--seeds", help="rerun the stochastic protocols with N seeds (mean +- std)"),
     baseline: str | None = typer.Option(None, "--baseline", help="also score baselines: random, rgbxy (comma list)"),

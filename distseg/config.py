@@ -153,9 +153,13 @@ class EvaluateConfig(Section):
     )
     root: str | None = Field(None, description="dataset root (default: $DISTSEG_DATA_ROOT or ../shared/data/<name>)")
     protocols: list[str] = Field(
-        ["linear", "kmeans", "knn", "retrieval"],
+        ["linear", "dataset_kmeans", "knn", "retrieval"],
         min_length=1,
-        description="linear, kmeans, knn, retrieval, davis, purity",
+        description="linear, dataset_kmeans (old name kmeans), knn, retrieval, davis, davis_zm, purity, position",
+    )
+    diagnostics: list[str] = Field(
+        ["position"],
+        description="protocols also run for every source (position: the position-leak check); [] turns them off",
     )
     train_split: str = Field("train", description="split whose features train the probe / give kNN prototypes")
     eval_split: str = Field("val", description="split that is scored")

@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from distseg.eval.davis import (
     DavisEvaluator,
+    LabelPropagator,
     boundary_map,
     db_eval_boundary,
     db_eval_iou,
@@ -206,6 +207,90 @@ def test_propagate_frame_matches_brute_force(h, w, radius, window):
     expected = reference_propagation(query, keys, labels, 5, 0.1, radius, window)
     assert got.shape == (3, h, w)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def reference_per_frame_raw(query, keys, labels, topk, radius, window):
+    """Brute force of Zhang & Maire's rule: top-k of each context frame, raw similarity weights (>= 0)."""
+    ctx, d, h, w = keys.shape
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    dy = ys.flatten()[:, None] - ys.flatten()[None]
+    dx = xs.flatten()[:, None] - xs.flatten()[None]
+    if radius is None:
+        allowed = torch.ones_like(dy, dtype=torch.bool)
+    elif window == "square":
+        allowed = (dy.abs() <= radius) & (dx.abs() <= radius)
+    else:
+        allowed = dy**2 + dx**2 < radius**2
+    out = torch.zeros(labels.shape[1], h * w)
+    for c in range(ctx):
+        aff = query.reshape(d, -1).T @ keys[c].reshape(d, -1)
+        aff = aff.masked_fill(~allowed, -1e9)
+        values, index = aff.topk(topk, dim=1)
+        flat = labels[c].reshape(labels.shape[1], -1).T
+        out += (values.clamp(min=0)[..., None] * flat[index]).sum(1).T
+    return out.reshape(-1, h, w)
+
+
+@pytest.mark.parametrize(
+    "h, w, radius, window", [(11, 14, None, "square"), (13, 17, 3, "square"), (13, 17, 4, "disk"), (9, 30, 5, "square")]
+)
+def test_per_frame_topk_with_raw_weights_matches_brute_force(h, w, radius, window):
+    gen = torch.Generator().manual_seed(h * w + 1)
+    query = torch.nn.functional.normalize(torch.randn(6, h, w, generator=gen), dim=0)
+    keys = torch.nn.functional.normalize(torch.randn(2, 6, h, w, generator=gen), dim=1)
+    labels = torch.softmax(torch.randn(2, 3, h, w, generator=gen), dim=1)
+    got = propagate_frame(
+        query, list(keys), list(labels), topk=4, radius=radius, window=window, weighting="raw", topk_per_frame=True
+    )
+    expected = reference_per_frame_raw(query, keys, labels, 4, radius, window)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_xy_augmentation_is_a_position_penalty_on_the_cosine():
+    from distseg.eval.davis.propagation import _xy_channels
+
+    gen = torch.Generator().manual_seed(0)
+    f = torch.nn.functional.normalize(torch.randn(5, 4, 6, generator=gen), dim=0)
+    g = torch.nn.functional.normalize(torch.randn(5, 4, 6, generator=gen), dim=0)
+    q, k = _xy_channels(f, 2.0, "query"), _xy_channels(g, 2.0, "key")
+    got = q.reshape(q.shape[0], -1).T @ k.reshape(k.shape[0], -1)
+    ys, xs = torch.meshgrid((torch.arange(4) + 0.5) / 6, (torch.arange(6) + 0.5) / 6, indexing="ij")
+    p = torch.stack([ys.flatten(), xs.flatten()], 1)
+    expected = f.reshape(5, -1).T @ g.reshape(5, -1) - 2.0**2 / 2 * torch.cdist(p, p) ** 2
+    assert torch.allclose(got, expected, atol=1e-5)
+    # features that say nothing: with xy each pixel's nearest neighbour is itself, so the mask stays put
+    mask = square((16, 16), 4, 4, 6).astype(np.int64)
+    flat = [torch.ones(3, 16, 16)] * 3
+    preds = propagate_labels(flat, mask, num_prev=1, use_first=False, topk=1, radius=None, xy_weight=1.0)
+    assert all(np.array_equal(p, mask) for p in preds)
+
+
+def test_zhang_maire_propagation_recovers_the_moving_square():
+    masks = moving_square_video()
+    feats = [onehot_features(m, FEATURE_SIZE) for m in masks]
+    kwargs = dict(num_prev=2, use_first=False, topk=10, topk_per_frame=True, weighting="raw", radius=None)
+    for xy_weight in (0.0, 1.0):
+        preds = propagate_labels(feats, masks[0], xy_weight=xy_weight, **kwargs)
+        for pred, gt in zip(preds[1:], masks[1:]):
+            assert db_eval_iou(pred > 0, gt > 0) > 0.85
+    # the protocol: the same computation behind the evaluator contract, metrics prefixed davis_zm/
+    from distseg.eval.protocols import FeatureSample, create_protocol, protocol_kwargs
+
+    defaults = protocol_kwargs("davis_zm", {})
+    assert {k: defaults[k] for k in kwargs} == kwargs and defaults["xy_weight"] == 1.0
+    protocol = create_protocol("davis_zm", 2, **defaults)
+    for t, (feat, mask) in enumerate(zip(feats, masks)):
+        protocol.process(FeatureSample(f"square/{t:05d}", feat.numpy(), mask, "eval"))
+    metrics = protocol.evaluate().metrics
+    assert metrics["davis_zm/J_mean"] > 0.85 and metrics["davis_zm/num_sequences"] == 1
+    assert all(key.startswith("davis_zm/") for key in metrics)
+
+
+def test_propagator_checks_the_new_arguments():
+    with pytest.raises(ValueError, match="weighting"):
+        LabelPropagator(weighting="linear")
+    with pytest.raises(ValueError, match="xy_weight"):
+        LabelPropagator(xy_weight=-1.0)
 
 
 def test_propagation_multiple_labels_and_argument_checks():

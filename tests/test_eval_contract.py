@@ -111,7 +111,7 @@ def test_every_registered_protocol_keeps_the_contract(name):
 
 
 def test_unknown_protocol_is_a_key_error_listing_the_known_names():
-    with pytest.raises(KeyError, match="kmeans.*knn"):
+    with pytest.raises(KeyError, match="dataset_kmeans.*knn"):
         create_protocol("svm", C)
 
 
@@ -147,21 +147,66 @@ def test_a_bad_protocol_argument_fails_before_extraction(tmp_path, no_work):
             f"workdir={tmp_path}",
             *SMALL,
             "evaluate.baselines=[rgbxy]",
-            "evaluate.protocols=[kmeans,linear]",
+            "evaluate.protocols=[dataset_kmeans,linear]",
             "evaluate.protocol_args={linear: {epochs: 2, heads: aspp}}",
         ],
     )
     with pytest.raises(EvaluationError, match=r"linear.*unknown key 'heads'.*allowed keys: head, epochs") as info:
         evaluate(cfg, None, tmp_path / "eval")
     assert "'heads'" in str(info.value)
-    cfg.evaluate.protocol_args = {"kmeans": {"overcluster": "many"}}
-    with pytest.raises(EvaluationError, match="kmeans.*overcluster"):
+    cfg.evaluate.protocol_args = {"dataset_kmeans": {"overcluster": "many"}}
+    with pytest.raises(EvaluationError, match="dataset_kmeans.*overcluster"):
         evaluate(cfg, None, tmp_path / "eval")
-    cfg.evaluate.protocols = ["kmeans", "bogus"]  # assignment skips the config's own name check
+    cfg.evaluate.protocols = ["dataset_kmeans", "bogus"]  # assignment skips the config's own name check
     cfg.evaluate.protocol_args = {}
     with pytest.raises(EvaluationError, match="unknown protocol 'bogus'"):
         evaluate(cfg, None, tmp_path / "eval")
+    cfg.evaluate.protocols = ["dataset_kmeans"]
+    cfg.evaluate.protocol_args = {"position": {"grid": 1}}  # diagnostics' arguments are checked too
+    with pytest.raises(EvaluationError, match="position.*grid"):
+        evaluate(cfg, None, tmp_path / "eval")
+    cfg.evaluate.protocol_args = {}
+    cfg.evaluate.diagnostics = ["bogus_check"]
+    with pytest.raises(EvaluationError, match="evaluate.diagnostics.*bogus_check"):
+        evaluate(cfg, None, tmp_path / "eval")
     assert not (tmp_path / "eval").exists()
+
+
+def test_plan_resolves_the_old_kmeans_name_and_appends_the_diagnostics(tmp_path):
+    from distseg.eval.evaluate import EvaluationError, plan_protocols
+
+    cfg = load_config(
+        "demo",
+        [
+            f"workdir={tmp_path}",
+            "evaluate.protocols=[kmeans,linear]",
+            "evaluate.protocol_args={kmeans: {overcluster: 6}}",
+        ],
+    )
+    assert cfg.evaluate.diagnostics == ["position"]
+    with pytest.warns(FutureWarning, match="'kmeans' is now called 'dataset_kmeans'"):
+        plans = plan_protocols(cfg)
+    assert [(p.name, p.diagnostic) for p in plans] == [
+        ("dataset_kmeans", False),
+        ("linear", False),
+        ("position", True),
+    ]
+    assert plans[0].kwargs["overcluster"] == 6
+    cfg.evaluate.protocol_args = {"dataset_kmeans": {"overcluster": 6}}  # the new name: no warning
+    # a diagnostic also requested as a protocol runs once, as a protocol
+    cfg.evaluate.protocols = ["position", "dataset_kmeans"]
+    assert [(p.name, p.diagnostic) for p in plan_protocols(cfg)] == [("position", False), ("dataset_kmeans", False)]
+    # diagnostics off; video-only runs have no image splits to run them on
+    cfg.evaluate.diagnostics = []
+    assert [p.name for p in plan_protocols(cfg)] == ["position", "dataset_kmeans"]
+    cfg.evaluate.diagnostics = ["position"]
+    cfg.evaluate.protocols = ["davis", "davis_zm"]
+    assert [p.name for p in plan_protocols(cfg)] == ["davis", "davis_zm"]
+    # old and new name both given arguments
+    cfg.evaluate.protocols = ["dataset_kmeans"]
+    cfg.evaluate.protocol_args = {"kmeans": {}, "dataset_kmeans": {}}
+    with pytest.raises(EvaluationError, match="same protocol"), pytest.warns(FutureWarning):
+        plan_protocols(cfg)
 
 
 # ---------------------------------------------------------------- a protocol defined here, end to end
@@ -218,6 +263,7 @@ def test_a_new_protocol_runs_through_evaluate_into_metrics_json_and_mlflow(tmp_p
             *SMALL,
             "evaluate.baselines=[rgbxy]",
             "evaluate.protocols=[toy]",
+            "evaluate.diagnostics=[]",
             "evaluate.limit=3",
             "evaluate.num_examples=2",
             "evaluate.protocol_args={toy: {scale: 2.0}}",
@@ -236,6 +282,7 @@ def test_a_new_protocol_runs_through_evaluate_into_metrics_json_and_mlflow(tmp_p
     assert metrics["toy/score"]["mean"] == pytest.approx(expected, rel=1e-6)
     assert metrics["toy/train_images"]["values"] == [3] and metrics["toy/eval_images"]["values"] == [3]
     assert summary_lines(saved) == [f"toy: score rgbxy {metrics['toy/score']['mean']:.3f}"]
+    assert saved["protocols"] == ["toy"] and saved["diagnostics"] == []
 
     client = MlflowClient(tracking_uri(tmp_path))
     runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])

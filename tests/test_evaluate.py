@@ -41,64 +41,80 @@ def make_checkpoint(folder: Path, workdir: Path, method: str = "hiergroup") -> t
     return folder, run_id
 
 
+PROTOCOLS = ("dataset_kmeans", "knn", "retrieval", "linear")
+
+
 def test_evaluate_checkpoint_and_baseline_with_seeds(tmp_path):
     ckpt, parent = make_checkpoint(tmp_path / "ckpt", tmp_path)
     out = tmp_path / "eval"
-    result = CliRunner().invoke(
-        app,
-        [
-            "evaluate",
-            "--checkpoint",
-            str(ckpt),
-            "--data",
-            "synthetic",
-            "--protocols",
-            "kmeans,knn,retrieval,linear",
-            "--seeds",
-            "2",
-            "--baseline",
-            "rgbxy",
-            "--out",
-            str(out),
-            "evaluate.protocol_args={linear: {epochs: 3}}",
-        ],
-    )
+    with pytest.warns(FutureWarning, match="'kmeans' is now called 'dataset_kmeans'"):
+        result = CliRunner().invoke(
+            app,
+            [
+                "evaluate",
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                "synthetic",
+                "--protocols",
+                "kmeans,knn,retrieval,linear",  # kmeans: the old name of dataset_kmeans, still accepted
+                "--seeds",
+                "2",
+                "--baseline",
+                "rgbxy",
+                "--out",
+                str(out),
+                "evaluate.protocol_args={linear: {epochs: 3}}",
+            ],
+        )
     assert result.exit_code == 0, result.output
     lines = [line.split("\r")[-1].strip() for line in result.output.strip().splitlines()]  # drop progress bars
     assert lines[-1] == f"wrote {out}/metrics.json"
-    assert [line.split(":")[0] for line in lines[-5:-1]] == ["kmeans", "knn", "retrieval", "linear"]
-    assert "checkpoint" in lines[-5] and "rgbxy" in lines[-5] and "+-" in lines[-5]
+    # the protocols, then the position diagnostic (on by default): r2, then cos_gap
+    assert [line.split(":")[0] for line in lines[-7:-1]] == [*PROTOCOLS, "position", "position"]
+    assert "checkpoint" in lines[-7] and "rgbxy" in lines[-7] and "+-" in lines[-7]
+    assert lines[-3].startswith("position: r2 checkpoint ") and "rgbxy" in lines[-3] and "+-" not in lines[-3]
+    assert lines[-2].startswith("position: cos_gap checkpoint ")
 
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["protocols"] == list(PROTOCOLS) and metrics["diagnostics"] == ["position"]
     assert set(metrics["sources"]) == {"checkpoint", "rgbxy"}
     for source in ("checkpoint", "rgbxy"):
         m = metrics["sources"][source]["metrics"]
-        for protocol in ("kmeans", "knn", "retrieval", "linear"):
+        for protocol in PROTOCOLS:
             entry = m[f"{protocol}/miou"]
             assert len(entry["values"]) == 2 and 0 <= entry["mean"] <= 1 and entry["std"] >= 0
+        assert len(m["position/r2"]["values"]) == 1  # not stochastic
+        assert {"position/r2_y", "position/r2_x", "position/r2_border", "position/cos_gap"} <= set(m)
+    # rgbxy holds x and y: its position leak is plain
+    assert metrics["sources"]["rgbxy"]["metrics"]["position/r2"]["mean"] > 0.4
     assert (out / "pca_checkpoint.png").is_file()
 
     client = MlflowClient(tracking_uri(tmp_path))
     runs = client.search_runs([client.get_experiment_by_name("distseg-demo").experiment_id])
     evals = {r.info.run_name: r for r in runs if r.data.tags.get("stage") == "evaluate"}
-    assert set(evals) == {
-        f"eval-{p}-{s}" for p in ("kmeans", "knn", "retrieval", "linear") for s in ("checkpoint", "rgbxy")
-    }
-    kmeans = evals["eval-kmeans-checkpoint"]
+    assert set(evals) == {f"eval-{p}-{s}" for p in (*PROTOCOLS, "position") for s in ("checkpoint", "rgbxy")}
+    kmeans = evals["eval-dataset_kmeans-checkpoint"]
     assert kmeans.data.tags["mlflow.parentRunId"] == parent
-    assert {"kmeans/miou", "kmeans/pixel_acc", "kmeans/miou_std"} <= set(kmeans.data.metrics)
+    assert kmeans.data.tags["diagnostic"] == "false"
+    assert {"dataset_kmeans/miou", "dataset_kmeans/pixel_acc", "dataset_kmeans/miou_std"} <= set(kmeans.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(kmeans.info.run_id)}
     assert {
-        "kmeans_per_class_iou.json",
-        "kmeans_confusion.png",
-        "kmeans_examples.png",
+        "dataset_kmeans_per_class_iou.json",
+        "dataset_kmeans_confusion.png",
+        "dataset_kmeans_examples.png",
         "embedding_pca.png",
     } <= artifacts
+    position = evals["eval-position-checkpoint"]
+    assert position.data.tags["diagnostic"] == "true" and position.data.tags["mlflow.parentRunId"] == parent
+    assert {"position/r2", "position/cos_gap", "position/cos_same"} <= set(position.data.metrics)
 
 
 def test_purity_needs_a_concepts_checkpoint(tmp_path):
     ckpt, _ = make_checkpoint(tmp_path / "ckpt", tmp_path, method="concepts")
-    cfg = load_config(str(ckpt / "config.yaml"), ["evaluate.protocols=[purity]", "evaluate.num_examples=0"])
+    cfg = load_config(
+        str(ckpt / "config.yaml"), ["evaluate.protocols=[purity]", "evaluate.num_examples=0", "evaluate.diagnostics=[]"]
+    )
     from distseg.eval.evaluate import EvaluationError, evaluate
 
     result = evaluate(cfg, str(ckpt), tmp_path / "eval")
@@ -114,7 +130,7 @@ def test_bad_requests_are_named(tmp_path):
     result = runner.invoke(app, ["evaluate", "--checkpoint", str(tmp_path / "none"), "--data", "synthetic"])
     assert result.exit_code == 1 and "no model.pt" in result.output
     result = runner.invoke(
-        app, ["evaluate", "--baseline", "rgbxy", "--protocols", "kmeans,bogus", f"workdir={tmp_path}"]
+        app, ["evaluate", "--baseline", "rgbxy", "--protocols", "dataset_kmeans,bogus", f"workdir={tmp_path}"]
     )
     assert result.exit_code == 1 and "bogus" in result.output
     result = runner.invoke(app, ["evaluate", "--baseline", "rgbxy", "--data", "bsds", f"workdir={tmp_path}"])
@@ -144,6 +160,7 @@ def test_davis_protocol_on_real_frames(tmp_path, davis_root):
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[-2].split("\r")[-1].strip().startswith("davis: JF_mean rgbxy ")
     results = json.loads((out / "metrics.json").read_text())
+    assert results["diagnostics"] == []  # video protocols only: no image splits for the position check
     assert results["image_size"] == 160  # evaluate.davis_image_size, not evaluate.image_size (320)
     m = results["sources"]["rgbxy"]["metrics"]
     assert m["davis/num_sequences"]["mean"] == 4

@@ -30,7 +30,7 @@ def test_paired_views_keep_image_and_segments_aligned():
     image, seg = quadrant_image()
     views = PairedViews(crop=32, crop_scale=(0.2, 1.0), color_jitter=0.0)
     for _ in range(20):
-        v1, s1, v2, s2 = views(image, seg)
+        v1, s1, c1, v2, s2, c2 = views(image, seg)
         assert v1.shape == (3, 32, 32) and s1.shape == (32, 32) and s1.dtype == np.int16
         for v, s in ((v1, s1), (v2, s2)):
             # the colour of each pixel must be its segment's colour (except on blended boundary pixels)
@@ -42,9 +42,25 @@ def test_paired_views_keep_image_and_segments_aligned():
 def test_two_views_differ_but_share_segment_ids():
     torch.manual_seed(1)
     image, seg = quadrant_image()
-    v1, s1, v2, s2 = PairedViews(crop=32, crop_scale=(0.1, 0.3), color_jitter=0.4)(image, seg)
+    v1, s1, c1, v2, s2, c2 = PairedViews(crop=32, crop_scale=(0.1, 0.3), color_jitter=0.4)(image, seg)
     assert not np.array_equal(s1, s2)  # different crops
     assert set(np.unique(s1)) | set(np.unique(s2)) <= {0, 1, 2, 3}
+
+
+def test_view_coordinates_point_at_each_pixels_source():
+    """coord (y, x) of every view pixel is where it came from: the segment there is the pixel's segment,
+    and the two views' coordinates agree on the source pixels both show (twins for hiergroup)."""
+    torch.manual_seed(2)
+    image, seg = quadrant_image(h=40, w=60)
+    for _ in range(10):
+        v1, s1, c1, v2, s2, c2 = PairedViews(crop=24, crop_scale=(0.2, 1.0), color_jitter=0.0)(image, seg)
+        for s, c in ((s1, c1), (s2, c2)):
+            assert c.shape == (2, 24, 24) and c.dtype == np.int32
+            assert 0 <= c[0].min() and c[0].max() < 40 and 0 <= c[1].min() and c[1].max() < 60
+            np.testing.assert_array_equal(seg[c[0], c[1]], s)
+        # a flip reverses the x order of a row; a crop keeps it monotone either way
+        dx = np.diff(c1[1], axis=1)
+        assert (dx >= 0).all() or (dx <= 0).all()
 
 
 def _table(records: list[GroupingRecord], priors: list[str]) -> pa.Table:

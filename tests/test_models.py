@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 
 from distseg.checkpoint import load_embedding_model
@@ -40,6 +41,32 @@ def test_hypercolumn_shape_and_unit_norm():
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
     emb.sum().backward()
     assert model.backbone.body.conv1.weight.grad is not None
+
+
+def test_hypercolumn_returns_the_decoder_features_on_request():
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(backbone="resnet18", embed_dim=16, head_channels=32)).eval()
+    x = torch.randn(2, 3, 64, 96)
+    emb, feat = model(x, return_features=True)
+    # the concatenated Res3 / Res4 projections (2 x head_channels) at the embedding's resolution
+    assert model.feature_dim == 64 and feat.shape == (2, 64, 16, 24) and emb.shape == (2, 16, 16, 24)
+    assert torch.allclose(emb, F.normalize(model.embed(feat), dim=1), atol=1e-6)  # the embedding head reads them
+    assert torch.equal(model(x), emb)  # a plain call still returns the embedding alone
+
+
+def test_return_features_passes_through_ddp(tmp_path):
+    import torch.distributed as dist
+
+    model = create_model(ModelConfig(backbone="resnet18", embed_dim=8, head_channels=16)).eval()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        x = torch.randn(1, 3, 32, 32)
+        with torch.no_grad():
+            emb, feat = ddp(x, return_features=True)
+            assert feat.shape == (1, 32, 8, 8) and torch.equal(emb, ddp(x))
+    finally:
+        dist.destroy_process_group()
 
 
 def test_backbone_weights_from_local_file(tmp_path):

@@ -114,6 +114,30 @@ def test_mine_pretrain_two_workers_then_resume(tmp_path):
             tiny_config(tmp_path, "name=mc", "pretrain.steps=4", "pretrain.max_failures=0", f"pretrain.data={shards}")
         )
 
+    # a method that is one module plus one YAML (tests/plugins), unknown to distseg: the config gains
+    # `losses.toy`, the Ray workers import the plugin, and the run leaves a checkpoint and its own metric
+    toy_yaml = Path(__file__).parent / "plugins" / "toy.yaml"
+    try:
+        toy_cfg = load_config(toy_yaml, [f"workdir={tmp_path}", "name=toy", *TINY, "pretrain.steps=2",
+                                         "pretrain.num_workers=1", f"pretrain.data={shards}"])  # fmt: skip
+        assert toy_cfg.pretrain.method == "toy" and toy_cfg.losses.toy.weight == 2.0
+        assert Path(toy_cfg.plugins[0]).is_absolute()  # the workers run in another directory
+        toy = pretrain(toy_cfg)
+        meta = json.loads((toy.checkpoint / "meta.json").read_text())
+        assert meta["step"] == 2 and meta["mlflow_run_id"] == toy.run_id and meta["config_hash"] and meta["git_sha"]
+        saved = load_config(toy.checkpoint / "config.yaml")
+        assert saved.pretrain.method == "toy" and saved.losses.toy.weight == 2.0
+        agreement = mlflow_metrics(cfg, toy.run_id, "toy_agreement")
+        assert [s for s, _ in agreement] == [1, 2] and all(-1 <= v <= 1 for _, v in agreement)
+    finally:
+        import sys
+
+        from distseg.methods import METHODS
+
+        METHODS.unregister("toy")
+        for module in [m for m in sys.modules if m.startswith("distseg_plugin_toy_method")]:
+            del sys.modules[module]
+
 
 def _train_worker_pids() -> list[int]:
     pids = []

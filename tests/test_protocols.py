@@ -7,7 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from distseg.eval.protocols import PROTOCOLS, EvalResult, FeatureSample, create_protocol, resize_nearest
+from distseg.eval.features import RGBXYFeatures
+from distseg.eval.protocols import (
+    PROTOCOL_ALIASES,
+    PROTOCOLS,
+    EvalResult,
+    FeatureSample,
+    create_protocol,
+    protocol_info,
+    protocol_kwargs,
+    resize_nearest,
+    resolve_protocol_name,
+)
+from distseg.eval.protocols.position import position_targets
 
 C, D = 3, 6  # classes, feature channels
 H, W, SCALE = 16, 16, 2  # label size; features are (D, H / SCALE, W / SCALE)
@@ -57,8 +69,8 @@ RANDOM = make_samples(0, random_features=True)
 # context heads need more (and less chaotic) training scenes than a per-pixel probe
 BIG_BLOCKS = {"n_train": 16, "block": 4}
 CASES = [
-    ("kmeans", {}, {}),
-    ("kmeans", {"overcluster": 6}, {}),
+    ("dataset_kmeans", {}, {}),
+    ("dataset_kmeans", {"overcluster": 6}, {}),
     ("knn", {}, {}),
     ("retrieval", {}, {}),
     ("linear", {}, {}),
@@ -67,9 +79,22 @@ CASES = [
 
 
 def test_registry_lists_protocols_and_rejects_unknown_names():
-    assert {"linear", "kmeans", "knn", "retrieval", "purity"} <= set(PROTOCOLS)
-    with pytest.raises(KeyError, match="kmeans.*knn"):
+    assert {"linear", "dataset_kmeans", "knn", "retrieval", "purity", "position", "davis", "davis_zm"} <= set(PROTOCOLS)
+    assert "kmeans" not in PROTOCOLS  # a config-level alias only (PROTOCOL_ALIASES)
+    assert PROTOCOL_ALIASES == {"kmeans": "dataset_kmeans"}
+    assert resolve_protocol_name("kmeans") == "dataset_kmeans" and resolve_protocol_name("knn") == "knn"
+    with pytest.raises(KeyError, match="dataset_kmeans.*knn"):
         create_protocol("svm", C)
+
+
+def test_paper_protocol_defaults():
+    """The papers' settings: He et al.'s k-means (= knn) 25 segments, 50 iterations, 15 neighbours;
+    Zhang & Maire's Table 2 retrieval K = 15 with one neighbour."""
+    assert protocol_kwargs("knn", {}) == {"segments_per_image": 25, "num_neighbors": 15, "niter": 50}
+    retrieval = protocol_kwargs("retrieval", {})
+    assert retrieval["segments_per_image"] == 15 and retrieval["num_neighbors"] == 1
+    assert protocol_info("position").headline == "r2" and protocol_info("position").needs_train
+    assert not protocol_info("position").stochastic and protocol_info("position").summary == ("cos_gap",)
 
 
 @pytest.mark.parametrize("name, kwargs, data", CASES)
@@ -99,7 +124,7 @@ def test_result_layout(name, kwargs):
         assert (pred[known] == sample.label[known]).mean() > 0.95
 
 
-@pytest.mark.parametrize("name, kwargs", [("kmeans", {}), ("knn", {}), ("linear", {"head": "aspp"})])
+@pytest.mark.parametrize("name, kwargs", [("dataset_kmeans", {}), ("knn", {}), ("linear", {"head": "aspp"})])
 def test_same_seed_same_result(name, kwargs):
     noisy = make_samples(3, random_features=True)
     a, b = run(name, noisy, **kwargs), run(name, noisy, **kwargs)
@@ -121,13 +146,27 @@ def test_purity_is_one_when_concepts_align_with_classes():
     assert single.metrics["purity/used_concepts"] == 1
 
 
-def test_unlabelled_samples_are_skipped_but_clustered_by_kmeans():
+def test_segment_purity_is_one_when_concepts_align_with_classes():
+    """He et al.'s measure: segments (merged when connected and of one concept) voted per concept."""
+    result = run("segment_purity", SEPARABLE, concepts=np.eye(5, D)).metrics
+    assert result["segment_purity/purity"] == 1.0 and result["segment_purity/above_80"] == 1.0
+    assert result["segment_purity/used_concepts"] == 3
+    # merged: at most one segment per connected class region, so far fewer than 25 per image
+    assert 4 <= result["segment_purity/num_segments"] < 4 * 25
+    # one concept for everything: an image is one merged segment, labelled with its majority class
+    single = run("segment_purity", SEPARABLE, concepts=np.ones((1, D))).metrics
+    assert single["segment_purity/num_segments"] == 4 and single["segment_purity/used_concepts"] == 1
+    majority = [np.bincount(s.label[s.label != 255], minlength=C).argmax() for s in SEPARABLE[4:]]
+    assert single["segment_purity/purity"] == pytest.approx(np.bincount(majority).max() / 4)
+
+
+def test_unlabelled_samples_are_skipped_but_clustered_by_dataset_kmeans():
     unlabelled = FeatureSample("u", SEPARABLE[-1].features, None, "eval")
     knn = create_protocol("knn", C)
     for sample in SEPARABLE + [unlabelled]:
         knn.process(sample)
     assert knn.num_skipped == 1 and knn.evaluate().metrics["knn/miou"] > 0.95
-    assert run("kmeans", SEPARABLE + [unlabelled]).metrics["kmeans/miou"] > 0.95
+    assert run("dataset_kmeans", SEPARABLE + [unlabelled]).metrics["dataset_kmeans/miou"] > 0.95
 
 
 def test_protocols_without_train_data_say_so():
@@ -139,3 +178,78 @@ def test_resize_nearest_is_centre_aligned():
     small = np.arange(4).reshape(2, 2)
     np.testing.assert_array_equal(resize_nearest(small, (4, 4)), np.kron(small, np.ones((2, 2), int)))
     np.testing.assert_array_equal(resize_nearest(np.kron(small, np.ones((2, 2), int)), (2, 2)), small)
+
+
+# ---------------------------------------------------------------- the position-leak diagnostic
+
+
+def position_samples(kind: str, seed: int = 0, n_train: int = 6, n_eval: int = 6) -> list[FeatureSample]:
+    """Images of different sizes (random colours); features: rgbxy (holds x and y) or pure noise."""
+    rng = np.random.default_rng(seed)
+    rgbxy = RGBXYFeatures(image_size=None)
+    samples = []
+    for i in range(n_train + n_eval):
+        h, w = (int(v) for v in rng.integers(10, 20, 2) * 4)
+        if kind == "rgbxy":
+            features = rgbxy(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        else:
+            features = rng.standard_normal((8, h // 4, w // 4)).astype(np.float32)
+        samples.append(FeatureSample(f"img{i}", features, None, "train" if i < n_train else "eval"))
+    return samples
+
+
+def test_position_leak_is_high_for_rgbxy_and_near_zero_for_noise():
+    xy = run("position", position_samples("rgbxy")).metrics
+    noise = run("position", position_samples("noise")).metrics
+    # x and y are in the rgbxy features; the border distance is not linear in them
+    assert xy["position/r2_y"] > 0.8 and xy["position/r2_x"] > 0.8, xy
+    assert xy["position/r2"] > 0.5, xy
+    assert xy["position/cos_gap"] > 0.1, xy
+    assert abs(noise["position/r2"]) < 0.05 and max(noise[f"position/r2_{t}"] for t in ("y", "x", "border")) < 0.05
+    assert abs(noise["position/cos_gap"]) < 0.05, noise
+    assert abs(noise["position/cos_within"]) < 0.05
+    assert xy["position/num_images"] == 6 and noise["position/num_train_pixels"] > 0
+
+
+def test_position_features_score_r2_one_and_the_cosines_match_brute_force():
+    rng = np.random.default_rng(1)
+    samples = []
+    for i, (h, w) in enumerate([(6, 9), (8, 8), (7, 5), (9, 6), (5, 7)]):
+        # one-hot-ish code of (y, x, border) in separate channels: after L2-normalisation still linear
+        # up to the norm, so use features whose norm is constant: [t, sqrt(3 - |t|^2)]
+        t = position_targets(h, w)
+        rest = np.sqrt(3.0 - (t**2).sum(1, keepdims=True))
+        noise = 0.01 * rng.standard_normal((h * w, 2))
+        features = np.concatenate([t, rest, noise], axis=1).T.reshape(-1, h, w)
+        samples.append(FeatureSample(f"img{i}", features, None, "train" if i < 2 else "eval"))
+    result = run("position", samples, grid=3, ridge=0.0).metrics
+    for target in ("y", "x", "border"):
+        assert result[f"position/r2_{target}"] > 0.999, result
+    # the cosines by brute force over the 3 eval images on the 3 x 3 grid
+    grids = []
+    for s in samples[2:]:
+        d, h, w = s.features.shape
+        x = s.features / np.linalg.norm(s.features, axis=0, keepdims=True)
+        rows = np.minimum(((np.arange(3) + 0.5) * h / 3).astype(int), h - 1)
+        cols = np.minimum(((np.arange(3) + 0.5) * w / 3).astype(int), w - 1)
+        grids.append(x[:, rows][:, :, cols].reshape(d, -1).T)
+    same, shuffled, within = [], [], []
+    for i, a in enumerate(grids):
+        for j, b in enumerate(grids):
+            cos = a @ b.T
+            if i == j:
+                within += list(cos[~np.eye(9, dtype=bool)])
+            else:
+                same += list(np.diag(cos))
+                shuffled += list(cos[~np.eye(9, dtype=bool)])
+    assert result["position/cos_same"] == pytest.approx(np.mean(same), abs=1e-6)
+    assert result["position/cos_shuffled"] == pytest.approx(np.mean(shuffled), abs=1e-6)
+    assert result["position/cos_gap"] == pytest.approx(np.mean(same) - np.mean(shuffled), abs=1e-6)
+    assert result["position/cos_within"] == pytest.approx(np.mean(within), abs=1e-6)
+
+
+def test_position_needs_both_splits():
+    with pytest.raises(ValueError, match="train"):
+        run("position", position_samples("noise")[6:])
+    with pytest.raises(ValueError, match="eval"):
+        run("position", position_samples("noise")[:6])

@@ -5,7 +5,13 @@ registry metadata, not a list here: the train split (`needs_train`), several see
 checkpoint's concept dictionary (`needs_concepts`: the checkpoint only), its own video data
 (`needs_video`), its `headline` metric and its `params` model, which checks `evaluate.protocol_args`.
 Everything that can be checked before work starts is, before any data is read or Ray starts: protocol
-names and arguments, baseline names, the checkpoint folder and concept dictionary.
+names and arguments, baseline names, the checkpoint folder and concept dictionary. A retired protocol
+name (`PROTOCOL_ALIASES`: `kmeans` -> `dataset_kmeans`) is replaced by its current one, with a warning.
+
+Diagnostics (`evaluate.diagnostics`, default `[position]`: how much pixel position the embedding
+carries) are protocols too; they run after `evaluate.protocols` for every feature source, appear in
+metrics.json, MLflow (tag `diagnostic`) and the printed lines like the others, and are skipped when
+`evaluate.protocols` holds only video protocols (there are no image splits to run them on).
 
 For each feature source (the checkpoint, then each baseline) the features of the train and eval
 splits are extracted once, on a Ray Data actor pool (`distseg.eval.extract`), and fed to each
@@ -50,6 +56,7 @@ class ProtocolPlan:
     info: ProtocolInfo
     kwargs: dict[str, Any]  # validated against info.params, defaults filled in
     args: dict[str, Any]  # as given in evaluate.protocol_args (logged to MLflow)
+    diagnostic: bool = False  # from evaluate.diagnostics
 
     @property
     def name(self) -> str:
@@ -85,28 +92,59 @@ def class_space(dataset) -> tuple[list[str], Callable[[np.ndarray], np.ndarray]]
     return [names[i] for i in keep], remap
 
 
+def _resolve_names(key: str, names: list[str]) -> list[str]:
+    """Names with retired aliases replaced by the current ones (a warning per alias), duplicates dropped."""
+    import warnings
+
+    from distseg.eval.protocols import resolve_protocol_name
+
+    out: list[str] = []
+    for name in names:
+        new = resolve_protocol_name(name)
+        if new != name:
+            warnings.warn(
+                f"{key}: protocol {name!r} is now called {new!r} (reported as {new}/*)", FutureWarning, stacklevel=3
+            )
+        if new not in out:
+            out.append(new)
+    return out
+
+
 def plan_protocols(cfg: Config) -> list[ProtocolPlan]:
-    """Each of evaluate.protocols with its checked arguments; EvaluationError names the bad name or key."""
+    """Each of evaluate.protocols, then each of evaluate.diagnostics not among them, with its checked
+    arguments; EvaluationError names the bad name or key. Diagnostics are dropped when the protocols
+    are all video protocols."""
     from distseg.eval.protocols import PROTOCOLS, protocol_info, protocol_kwargs
 
     ecfg = cfg.evaluate
-    unknown = [name for name in ecfg.protocol_args if name not in PROTOCOLS]
+    protocol_args: dict[str, dict] = {}
+    for name, args in ecfg.protocol_args.items():
+        (new,) = _resolve_names("evaluate.protocol_args", [name])
+        if new in protocol_args:
+            raise EvaluationError(f"evaluate.protocol_args: {name!r} and {new!r} name the same protocol")
+        protocol_args[new] = args
+    unknown = [name for name in protocol_args if name not in PROTOCOLS]
     if unknown:
         raise EvaluationError(
             f"evaluate.protocol_args: unknown protocol(s) {unknown} (known: {', '.join(PROTOCOLS.list())})"
         )
+    protocols = _resolve_names("evaluate.protocols", list(ecfg.protocols))
+    diagnostics = [d for d in _resolve_names("evaluate.diagnostics", list(ecfg.diagnostics)) if d not in protocols]
     plans = []
-    for name in ecfg.protocols:
-        try:
-            info = protocol_info(name)
-        except (KeyError, ValueError) as e:
-            raise EvaluationError(f"evaluate.protocols: {e}") from None
-        args = dict(ecfg.protocol_args.get(name) or {})
-        try:
-            kwargs = protocol_kwargs(name, args)
-        except ValueError as e:
-            raise EvaluationError(f"evaluate.protocol_args: {e}") from None
-        plans.append(ProtocolPlan(info, kwargs, args))
+    for key, names, diagnostic in [("protocols", protocols, False), ("diagnostics", diagnostics, True)]:
+        for name in names:
+            try:
+                info = protocol_info(name)
+            except (KeyError, ValueError) as e:
+                raise EvaluationError(f"evaluate.{key}: {e}") from None
+            args = dict(protocol_args.get(name) or {})
+            try:
+                kwargs = protocol_kwargs(name, args)
+            except ValueError as e:
+                raise EvaluationError(f"evaluate.protocol_args: {e}") from None
+            plans.append(ProtocolPlan(info, kwargs, args, diagnostic))
+    if all(p.info.needs_video for p in plans if not p.diagnostic):
+        plans = [p for p in plans if not p.diagnostic]
     return plans
 
 
@@ -185,7 +223,9 @@ def concept_dictionary(checkpoint: str) -> np.ndarray:
 
     path = Path(checkpoint) / "loss.pt"
     if not path.is_file():
-        raise EvaluationError(f"purity needs {path} (a checkpoint trained with the concepts loss)")
+        raise EvaluationError(
+            f"the concept protocols (purity, segment_purity) need {path} (a checkpoint trained with the concepts loss)"
+        )
     state = torch.load(path, map_location="cpu", weights_only=True)
     if "dictionary" not in state:
         raise EvaluationError(
@@ -318,7 +358,8 @@ def evaluate(cfg: Config, checkpoint: str | None, out_dir: str | Path) -> dict:
     init_ray(cfg.ray)
     results: dict = {
         "data": ecfg.data,
-        "protocols": ecfg.protocols,
+        "protocols": [p.name for p in plans if not p.diagnostic],
+        "diagnostics": [p.name for p in plans if p.diagnostic],
         "seeds": ecfg.seeds,
         "image_size": image_size,
         "sources": {},
@@ -363,7 +404,12 @@ def evaluate(cfg: Config, checkpoint: str | None, out_dir: str | Path) -> dict:
                 cfg,
                 run_name=f"eval-{plan.name}-{source}",
                 parent_run_id=parent,
-                tags={"stage": "evaluate", "protocol": plan.name, "source": source},
+                tags={
+                    "stage": "evaluate",
+                    "protocol": plan.name,
+                    "source": source,
+                    "diagnostic": str(plan.diagnostic).lower(),
+                },
                 log_config=False,
             ) as tracker:
                 tracker.log_params(
@@ -372,6 +418,7 @@ def evaluate(cfg: Config, checkpoint: str | None, out_dir: str | Path) -> dict:
                         "source": source,
                         "data": ecfg.data,
                         "seeds": len(per_seed),
+                        "diagnostic": plan.diagnostic,
                         "image_size": image_size,
                         "checkpoint": checkpoint or "",
                         **{f"arg.{k}": v for k, v in plan.args.items()},

@@ -9,9 +9,12 @@ The losses themselves live with their methods (distseg.methods.<name>);
 
 Every loss takes two views of the same B images: `emb1`, `emb2` (B, D, h, w) unit vectors along D;
 `seg1`, `seg2` (B, h, w) int64 segment ids consistent across views, -1 = ignore. `dist` (B, K, K) is
-the tree distance d_T between leaf regions (hiergroup only); `key1`, `key2` are momentum-encoder
-embeddings (losses with `uses_key_encoder`). The result maps "loss" (the total to backprop) and each
-term to finite scalars; degenerate batches give 0 with a graph attached, never NaN.
+the tree distance d_T between leaf regions (hiergroup only); `image_ids` (B,) int64 says which image
+each row is: rows with the same id (another view, or a copy drawn again by the ingest) must never be
+each other's negatives, in the batch, a memory bank or a queue; `key1`, `key2` are momentum-encoder
+embeddings (losses with `uses_key_encoder`); a loss ignores keyword inputs it does not use. The
+result maps "loss" (the total to backprop) and each term to finite scalars; degenerate batches give 0
+with a graph attached, never NaN.
 """
 
 from __future__ import annotations

@@ -64,6 +64,8 @@ class Views:
     seg2: torch.Tensor
     dist: torch.Tensor | None  # (B, K, K) tree distances d_T between leaf regions (ucm prior)
     image_ids: torch.Tensor | None = None  # (B,) int64: which image each row is (same id = same image)
+    coord1: torch.Tensor | None = None  # (B, 2, S, S): each view pixel's source (y, x) in the stored image
+    coord2: torch.Tensor | None = None
 
 
 def resize_segments(seg: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -112,10 +114,12 @@ class Method:
         emb1, emb2 = self.embed(model, views.images, amp).chunk(2)
         size = tuple(emb1.shape[-2:])
         seg1, seg2 = resize_segments(views.seg1, size), resize_segments(views.seg2, size)
-        return self.loss(emb1, emb2, seg1, seg2, dist=views.dist, **self.extra_inputs(views, amp))
+        extra = self.extra_inputs(views, amp)
+        return self.loss(emb1, emb2, seg1, seg2, dist=views.dist, image_ids=views.image_ids, **extra)
 
     def extra_inputs(self, views: Views, amp: bool) -> dict[str, torch.Tensor]:
-        """More keyword inputs of the loss (e.g. momentum-encoder keys)."""
+        """More keyword inputs of the loss (e.g. momentum-encoder keys). Every loss also gets `dist` and
+        `image_ids` (rows with the same id are views or copies of one image: never each other's negatives)."""
         return {}
 
     def after_step(self) -> None:

@@ -1,33 +1,66 @@
 """Pixel-to-mask-prototype contrast with a momentum encoder (Van Gansbeke et al., ICCV 2021, MaskContrast).
 
-Each image has one salient-object mask M (segment value 1; 0 = background, -1 = ignore). Its prototype
-is the normalised mean of the KEY (momentum-encoder) embeddings over the mask, z_M = normalise(mean_{j in M} k_j).
-Every foreground query pixel i of an image is pulled to its own image's prototype and pushed from the
-prototypes of the other images of the batch and from a FIFO queue of past prototypes:
+Sources: the MaskContrast slides (seed 002) and the authors' public training code
+(wvangansbeke/Unsupervised-Semantic-Segmentation, pretrain/: modules/moco/builder.py, modules/models.py,
+utils/train_utils.py, modules/losses.py), which fix what the slides leave open.
 
-    L_contrast = mean_i w_i * -log( exp(z_i.z_M / tau) / (exp(z_i.z_M / tau) + sum_{n in N} exp(z_i.z_n / tau)) )
+Each image has one salient-object mask M (segment value 1; 0 = background, -1 = ignore). A training
+step, as the authors' `ContrastiveModel.forward`:
 
-with tau = 0.5, a queue of 128 prototypes and key-encoder momentum m = 0.999 (the project defaults,
-DESIGN.md). As in the authors' code:
-- the queue starts as random unit vectors (not empty), so the number of candidates is constant;
-- pixels are weighted per target prototype with the E-Net weights w = 1 / ln(1.02 + share of the
-  batch's foreground pixels on that prototype), so images with small masks count as much as large ones;
-- a saliency head (here a 1x1 conv on the embedding) predicts the mask, trained with a class-balanced
-  binary cross-entropy, L = L_contrast + saliency_weight * L_saliency.
+- the QUERY view (view 1) goes through the trained network, giving unit pixel embeddings z_i and the
+  decoder features; the KEY view (view 2) goes through the momentum encoder (an EMA copy, m = 0.999);
+- the key prototype of each image is z_M = normalise(sum_{j in M} k_j) over its key-view mask;
+- every query pixel i inside its image's query-view mask is classified among the batch's key
+  prototypes and a FIFO queue of past key prototypes, its own image's prototype being the target:
 
-Like the authors, start from a self-supervised network (`model.init_from`): from random init the
-prototypes of different images are almost parallel and the contrast stays at chance (README).
+      L_contrast = sum_i w_i * -log( exp(z_i.z_M+ / tau) / sum_{n in candidates(i)} exp(z_i.z_n / tau) ) / sum_i w_i
 
-The contrast is symmetric: view-1 pixels use the prototypes of key view 2 and vice versa. `proto_acc`
-(the share of foreground pixels whose most similar prototype is their own) and `chance_loss`
-(ln of the number of candidates) show whether the contrast learns. Images without foreground in
-either view are skipped. After the loss, both views' prototypes enter the queue (training mode only).
-Without key1/key2 the detached query embeddings stand in for the keys (momentum 0). The training
-loop owns the EMA copy and reads `momentum`.
+  with the E-Net weights w_i = 1 / ln(1.02 + share of the batch's query pixels whose target is i's),
+  so images with small masks count as much as large ones;
+- a saliency head, a 1x1 conv without bias on the DECODER features (the concatenated Res3/Res4
+  projections the embedding head reads, `HypercolumnNet(..., return_features=True)`), parallel to
+  the embedding head as the authors' `classification_head`, predicts the query view's mask, trained
+  with their class-balanced BCE (each class weighted by the other's share, averaged over pixels):
+  L = L_contrast + saliency_weight * L_saliency;
+- after the loss, the batch's key prototypes enter the queue (training mode only); the queue starts as
+  random unit vectors, so the number of candidates is constant from the first step.
 
-Provenance: the paper's text was not reachable from this workplace beyond its abstract; the queue
-initialisation, E-Net weighting and saliency head follow the public description of the authors'
-training code.
+Loss direction and queue (audit M11), decided from the authors' code: ONE-WAY, query -> key. Only
+view-1 pixels are contrasted, only view-2 (key) prototypes are candidates and enqueued, and the
+saliency BCE is on the query view only. The method therefore runs the network on view 1 and the key
+encoder on view 2 (half the forward passes of a symmetric loss). Defaults as the authors' configs:
+tau 0.5, queue 128 (their supervised-saliency config; 256 with unsupervised saliency), momentum 0.999,
+SGD lr 0.004 with poly decay (maskcontrast.yaml).
+
+Same image, never a negative: `image_ids` (B,) says which image each row is. For a query pixel, the
+key prototype of another row with its image id (the ingest drew the image twice) and queue entries
+of its image (the queue stores each prototype's image id) are removed from the candidates; the
+positive stays the key view's prototype of its own row. The authors need no such rule (a distributed
+sampler visits each image once per epoch and the queue holds the last one or two batches).
+
+Diagnostics: `proto_acc`, the share of contrasted pixels whose most similar candidate is their own
+prototype, and `chance_loss`, the mean over those pixels of ln(number of candidates): the contrast
+term at chance.
+
+Departures from the authors' code, each deliberate:
+- Resolution: they upsample the embedding and the saliency logits bilinearly to the input size before
+  the loss; here both losses are taken at the embedding's 1/4 resolution against the nearest-resized
+  mask (16x fewer pixels for interpolated copies of the same values; the E-Net weights normalise each
+  prototype's share, so the contrast's scale does not change).
+- Network and init (M7, M8): distseg's hypercolumn net, not DeepLabV3 on a dilated ResNet-50 from
+  MoCo v2. maskcontrast_msrc.yaml starts from a self-supervised distseg checkpoint (`model.init_from`);
+  from random init the prototypes of different images are almost parallel and the contrast stays at
+  chance (README).
+- No shuffle-BN (M9): the key encoder runs in train mode (batch statistics, as MoCo) on its own
+  forward pass of the key view; within one worker a shuffle could not change which images share a BN
+  batch.
+- Batch (M4): 8 images per step and worker instead of the authors' 128 (fewer in-batch negatives).
+- Images without foreground in a view are skipped; the authors re-crop until 0.01 < fg area < 0.99
+  (M10, the ingest's business). The saliency BCE ignores pixels marked -1.
+- The saliency prior (M6) is distseg's `saliency` prior, not DeepUSPS / BASNet masks.
+
+Without `key2` (direct use, tests) the detached `emb2` stands in for the key embedding (momentum 0);
+without `feat1` the saliency term is 0. The training loop owns the EMA copy and reads `momentum`.
 """
 
 from __future__ import annotations
@@ -42,11 +75,12 @@ from torch import nn
 
 from distseg.core.section import Section
 from distseg.losses import zero_loss
-from distseg.methods.base import Method, Views, register_method
+from distseg.methods.base import Method, Views, register_method, resize_segments
 
 
 def mask_prototypes(keys: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised mean key embedding over each image's foreground (seg == 1): (B, D), and which images have one (B,)."""
+    """Normalised sum of the key embeddings over each image's foreground (seg == 1): (B, D), and which
+    images have one (B,)."""
     fg = (seg == 1).unsqueeze(1).to(keys.dtype)
     protos = F.normalize((keys.detach() * fg).sum(dim=(2, 3)), dim=1)
     return protos, fg.flatten(1).sum(dim=1) > 0
@@ -65,26 +99,37 @@ def prototype_contrast(
     has: torch.Tensor,
     queue: torch.Tensor,
     temperature: float,
-) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """E-Net-weighted cross-entropy of each foreground pixel of `emb` (B, D, h, w): its similarities / tau to
-    the batch prototypes `protos[has]` and the `queue`, the target being its own image's prototype.
-    Returns the loss (None without foreground pixels) and whether each pixel's most similar prototype is
-    its own (M,) bool."""
+    exclude: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """E-Net-weighted cross-entropy of each foreground pixel of the query `emb` (B, D, h, w): its
+    similarities / tau to the key prototypes `protos[has]` and the `queue`, the target being its own
+    row's prototype. `exclude` (B, P + Q) bool removes candidates per query row (never the target).
+
+    Returns the loss (None without foreground pixels), whether each pixel's most similar candidate is
+    its own prototype (M,) and each pixel's number of candidates (M,)."""
     fg = (seg == 1) & has[:, None, None]
     z = emb.permute(0, 2, 3, 1)[fg]
+    rows = fg.nonzero()[:, 0]
+    candidates = int(has.sum()) + len(queue)
     if len(z) == 0:
-        return None, torch.zeros(0, dtype=torch.bool, device=emb.device)
-    target = (has.long().cumsum(0) - 1)[fg.nonzero()[:, 0]]
+        return None, torch.zeros(0, dtype=torch.bool, device=emb.device), emb.new_zeros(0)
+    target = (has.long().cumsum(0) - 1)[rows]
     logits = z @ torch.cat([protos[has], queue]).T / temperature
+    count = torch.full((len(z),), float(candidates), device=emb.device)
+    if exclude is not None:
+        out = exclude[rows]
+        logits = logits.masked_fill(out, torch.finfo(logits.dtype).min)
+        count = count - out.sum(dim=1)
     hit = logits.detach().argmax(1) == target
     weight = enet_weights(target, logits.shape[1])
     loss = (weight * F.cross_entropy(logits, target, reduction="none")).sum() / weight.sum()
-    return loss, hit
+    return loss, hit, count
 
 
 def balanced_bce(logits: torch.Tensor, seg: torch.Tensor) -> torch.Tensor | None:
-    """Binary cross-entropy of saliency `logits` (B, h, w) against seg == 1 over the non-ignored pixels,
-    each class weighted by the other's share so that a small mask is not drowned by the background."""
+    """The authors' balanced BCE of saliency `logits` (B, h, w) against seg == 1, over the non-ignored
+    pixels: foreground pixels weighted by the background's share, background pixels by the foreground's,
+    averaged over the pixels."""
     valid = seg >= 0
     if not valid.any():
         return None
@@ -95,9 +140,11 @@ def balanced_bce(logits: torch.Tensor, seg: torch.Tensor) -> torch.Tensor | None
 
 
 class MaskContrastLoss(nn.Module):
-    """MaskContrast's pixel-to-mask-prototype contrast with a prototype queue and a saliency head (module docstring)."""
+    """MaskContrast's one-way pixel-to-key-prototype contrast with a queue and a saliency head on the
+    decoder features (module docstring)."""
 
     uses_key_encoder = True
+    symmetric = False  # one-way: only the query view (emb1) is trained; emb2 / key2 give the prototypes
 
     def __init__(
         self,
@@ -106,24 +153,43 @@ class MaskContrastLoss(nn.Module):
         momentum: float = 0.999,
         saliency_weight: float = 1.0,
         dim: int = 32,
+        feature_dim: int = 512,
     ):
         super().__init__()
-        if temperature <= 0 or queue_size < 1 or dim < 1 or not 0 <= momentum < 1 or saliency_weight < 0:
-            raise ValueError("temperature > 0, queue_size >= 1, dim >= 1, 0 <= momentum < 1, saliency_weight >= 0")
-        self.temperature, self.momentum, self.saliency_weight, self.dim = temperature, momentum, saliency_weight, dim
+        if temperature <= 0 or queue_size < 1 or dim < 1 or feature_dim < 1:
+            raise ValueError("temperature > 0, queue_size, dim, feature_dim >= 1")
+        if not 0 <= momentum < 1 or saliency_weight < 0:
+            raise ValueError("0 <= momentum < 1, saliency_weight >= 0")
+        self.temperature, self.momentum, self.saliency_weight = temperature, momentum, saliency_weight
+        self.dim, self.feature_dim = dim, feature_dim
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # next slot to overwrite
-        self.saliency_head = nn.Conv2d(dim, 1, kernel_size=1)
+        # the image id of each queue entry; queue_known is False for the random start and unknown ids
+        self.register_buffer("queue_ids", torch.zeros(queue_size, dtype=torch.long))
+        self.register_buffer("queue_known", torch.zeros(queue_size, dtype=torch.bool))
+        self.saliency_head = nn.Conv2d(feature_dim, 1, kernel_size=1, bias=False)
 
     @torch.no_grad()
-    def _enqueue(self, protos: torch.Tensor) -> None:
+    def _enqueue(self, protos: torch.Tensor, ids: torch.Tensor | None) -> None:
         size = len(self.queue)
         if not self.training or len(protos) == 0:
             return
         protos = protos[-size:]
-        ptr = int(self.queue_ptr)
-        self.queue[(ptr + torch.arange(len(protos), device=protos.device)) % size] = protos.to(self.queue.dtype)
-        self.queue_ptr.fill_((ptr + len(protos)) % size)
+        slots = (int(self.queue_ptr) + torch.arange(len(protos), device=protos.device)) % size
+        self.queue[slots] = protos.to(self.queue.dtype)
+        self.queue_ids[slots] = ids[-size:] if ids is not None else 0
+        self.queue_known[slots] = ids is not None
+        self.queue_ptr.fill_((int(self.queue_ptr) + len(protos)) % size)
+
+    def _exclusions(self, ids: torch.Tensor | None, has: torch.Tensor) -> torch.Tensor | None:
+        """(B, P + Q): for each query row, the candidates of its own image other than its target."""
+        if ids is None:
+            return None
+        rows = torch.arange(len(ids), device=ids.device)
+        same = ids[:, None] == ids[None, :]
+        protos = (same & (rows[:, None] != rows[None, :]))[:, has]
+        queue = self.queue_known[None, :] & (ids[:, None] == self.queue_ids[None, :])
+        return torch.cat([protos, queue], dim=1)
 
     def forward(
         self,
@@ -133,46 +199,53 @@ class MaskContrastLoss(nn.Module):
         seg2: torch.Tensor,
         *,
         dist: torch.Tensor | None = None,
-        key1: torch.Tensor | None = None,
         key2: torch.Tensor | None = None,
+        feat1: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
+        **unused: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
+        """`emb1` (B, D, h, w) the query view's embedding, `feat1` (B, feature_dim, h, w) its decoder
+        features; `key2` the key view's momentum-encoder embedding (else `emb2`, detached); `seg1`,
+        `seg2` the views' masks."""
         if emb1.shape[1] != self.dim:
             raise ValueError(f"embedding dimension {emb1.shape[1]} != the prototype queue's {self.dim}")
-        p1, has1 = mask_prototypes(emb1 if key1 is None else key1, seg1)
-        p2, has2 = mask_prototypes(emb2 if key2 is None else key2, seg2)
+        ids = image_ids.to(device=emb1.device, dtype=torch.long) if image_ids is not None else None
+        protos, has = mask_prototypes(emb2 if key2 is None else key2, seg2)
         queue = self.queue.to(emb1.dtype)
+        exclude = self._exclusions(ids, has)
+        contrast, hit, count = prototype_contrast(emb1, seg1, protos, has, queue, self.temperature, exclude)
 
-        contrast, saliency, hits = [], [], []
-        for emb, seg, protos, has in ((emb1, seg1, p2, has2), (emb2, seg2, p1, has1)):
-            term, hit = prototype_contrast(emb, seg, protos, has, queue, self.temperature)
-            contrast += [term] if term is not None else []
-            hits.append(hit)
-            bce = balanced_bce(self.saliency_head(emb)[:, 0], seg)
-            saliency += [bce] if bce is not None else []
+        saliency = None
+        if feat1 is not None:
+            if feat1.shape[1] != self.feature_dim:
+                raise ValueError(
+                    f"decoder features have {feat1.shape[1]} channels != the saliency head's {self.feature_dim}"
+                )
+            saliency = balanced_bce(self.saliency_head(feat1)[:, 0], seg1)
         zero = emb1.new_zeros(())
-        loss_contrast = torch.stack(contrast).mean() if contrast else zero
-        loss_saliency = torch.stack(saliency).mean() if saliency else zero
-        if contrast or saliency:
-            loss = loss_contrast + self.saliency_weight * loss_saliency
+        if contrast is None and saliency is None:
+            loss = zero_loss(emb1, emb2, feat1)
         else:
-            loss = zero_loss(emb1, emb2)
-        self._enqueue(torch.cat([p2[has2], p1[has1]]))
-        hit = torch.cat(hits)
-        candidates = int(has1.sum() + has2.sum()) / 2 + len(queue)
+            loss = (contrast if contrast is not None else zero) + self.saliency_weight * (
+                saliency if saliency is not None else zero
+            )
+        self._enqueue(protos[has], ids[has] if ids is not None else None)
+        chance = count.log().mean() if len(count) else emb1.new_tensor(math.log(int(has.sum()) + len(queue)))
         return {
             "loss": loss,
-            "contrast": loss_contrast.detach(),
-            "saliency": loss_saliency.detach(),
+            "contrast": contrast.detach() if contrast is not None else zero,
+            "saliency": saliency.detach() if saliency is not None else zero,
             "proto_acc": hit.float().mean() if len(hit) else zero,
-            "chance_loss": emb1.new_tensor(math.log(max(candidates, 1.0))),
+            "chance_loss": chance,
         }
 
 
 class MaskContrastParams(Section):
-    """`losses.maskcontrast`: the prototype contrast, its queue and the momentum encoder."""
+    """`losses.maskcontrast`: the one-way prototype contrast, its queue, the momentum encoder and the
+    saliency head."""
 
     temperature: float = Field(0.5, gt=0, description="contrastive temperature tau")
-    queue_size: int = Field(128, ge=1, description="queue of past mask prototypes K")
+    queue_size: int = Field(128, ge=1, description="queue of past key prototypes K")
     momentum: float = Field(0.999, ge=0, lt=1, description="momentum m of the key encoder")
     saliency_weight: float = Field(
         1.0, ge=0, description="weight of the saliency head's balanced BCE (0: contrast only)"
@@ -181,7 +254,8 @@ class MaskContrastParams(Section):
 
 @register_method("maskcontrast", params=MaskContrastParams)
 class MaskContrast(Method):
-    """MaskContrast: pixels against mask prototypes of a momentum (key) encoder, with a queue.
+    """MaskContrast: query pixels (view 1, the trained network) against key-view mask prototypes of a
+    momentum encoder (view 2), with a queue, plus a saliency head on the decoder features.
 
     The key encoder is an EMA copy of the network kept in train mode (batch statistics), as MoCo's:
     in eval mode its BN would use running statistics that lag far behind the query's (an EMA of an
@@ -192,7 +266,8 @@ class MaskContrast(Method):
     default_prior = "saliency"
 
     def loss_kwargs(self) -> dict:
-        return {**self.params.model_dump(), "dim": self.cfg.model.embed_dim}
+        model = self.cfg.model
+        return {**self.params.model_dump(), "dim": model.embed_dim, "feature_dim": 2 * model.head_channels}
 
     def setup(self, net: nn.Module, loss: nn.Module, device: torch.device) -> None:
         super().setup(net, loss, device)
@@ -200,10 +275,24 @@ class MaskContrast(Method):
         for p in self.key_encoder.parameters():
             p.requires_grad_(False)
 
+    def forward(self, model: nn.Module, views: Views, amp: bool = False) -> dict[str, torch.Tensor]:
+        """View 1 through `model` (embedding and decoder features), view 2 through the key encoder, then
+        the one-way loss."""
+        B = views.seg1.shape[0]
+        with torch.autocast(views.images.device.type, enabled=amp):
+            emb1, feat1 = model(views.images[:B], return_features=True)
+        emb1, feat1 = emb1.float(), feat1.float()
+        size = tuple(emb1.shape[-2:])
+        seg1, seg2 = resize_segments(views.seg1, size), resize_segments(views.seg2, size)
+        extra = self.extra_inputs(views, amp)
+        key2 = extra["key2"]
+        return self.loss(emb1, key2, seg1, seg2, dist=views.dist, image_ids=views.image_ids, feat1=feat1, **extra)
+
     def extra_inputs(self, views: Views, amp: bool) -> dict[str, torch.Tensor]:
+        """The key view's (view 2's) momentum-encoder embedding, `key2`."""
+        B = views.seg2.shape[0]
         with torch.no_grad():
-            k1, k2 = self.embed(self.key_encoder, views.images, amp).chunk(2)
-        return {"key1": k1, "key2": k2}
+            return {"key2": self.embed(self.key_encoder, views.images[B:], amp)}
 
     @torch.no_grad()
     def after_step(self) -> None:

@@ -3,6 +3,11 @@
 Res3 and Res4 of the backbone (standard strides 8 and 16) are each projected by one 3x3 Conv-BN-ReLU,
 upsampled to 1/4 of the input, concatenated, and mapped by one 3x3 conv to a D-dimensional embedding
 that is L2-normalised per pixel.
+
+`model(x)` returns the embedding; `model(x, return_features=True)` returns (embedding, features),
+the features being the decoder output the embedding head reads: the concatenated Res3/Res4
+projections, `feature_dim` = 2 * head_channels channels at the embedding's resolution (a head parallel
+to the embedding, such as MaskContrast's saliency conv, sits on them). The keyword passes through DDP.
 """
 
 from __future__ import annotations
@@ -32,13 +37,20 @@ class HypercolumnNet(nn.Module):
         self.proj4 = _conv_bn_relu(c4, head_channels)
         self.embed = nn.Conv2d(2 * head_channels, embed_dim, 3, padding=1)
         self.embed_dim = embed_dim
+        self.feature_dim = 2 * head_channels  # channels of the decoder features (return_features=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, return_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The unit embedding (B, D, H/4, W/4); with `return_features`, also the decoder features
+        (B, 2 * head_channels, H/4, W/4) it is computed from."""
         size = (max(1, x.shape[-2] // 4), max(1, x.shape[-1] // 4))
         res3, res4 = self.backbone(x)
         h3 = F.interpolate(self.proj3(res3), size=size, mode="bilinear", align_corners=False)
         h4 = F.interpolate(self.proj4(res4), size=size, mode="bilinear", align_corners=False)
-        return F.normalize(self.embed(torch.cat([h3, h4], 1)), dim=1)
+        features = torch.cat([h3, h4], 1)
+        embedding = F.normalize(self.embed(features), dim=1)
+        return (embedding, features) if return_features else embedding
 
 
 def create_model(cfg: ModelConfig) -> HypercolumnNet:

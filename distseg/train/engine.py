@@ -48,8 +48,15 @@ class TrainerSpec:
 
 
 def worker_config(cfg: Config, run_id: str | None = None, tracking_uri: str | None = None, **extra: Any) -> dict:
-    """The `train_loop_config` every distseg loop takes: the config as plain data plus the MLflow run."""
-    return {"config": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": tracking_uri, **extra}
+    """The `train_loop_config` every distseg loop takes: the config as plain data, the MLflow run and
+    the driver's git sha (workers may run where there is no checkout)."""
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "run_id": run_id,
+        "tracking_uri": tracking_uri,
+        "git_sha": git_sha(),
+        **extra,
+    }
 
 
 def build_trainer(loop: Callable[[dict], None], loop_config: dict, spec: TrainerSpec, callbacks: list | None = None):
@@ -57,8 +64,6 @@ def build_trainer(loop: Callable[[dict], None], loop_config: dict, spec: Trainer
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    sha = git_sha()
-    env = {"DISTSEG_GIT_SHA": sha} if sha else {}
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -73,7 +78,6 @@ def build_trainer(loop: Callable[[dict], None], loop_config: dict, spec: Trainer
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
             callbacks=callbacks,
-            worker_runtime_env={"env_vars": env} if env else None,
         ),
         datasets=spec.datasets or None,
     )
@@ -144,8 +148,9 @@ class WorkerSession:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if self.rank == 0:
+                sha = self.loop_config.get("git_sha")
                 save_checkpoint(
-                    tmp, cfg=self.cfg, step=step, metrics=metrics, epoch=epoch, run_id=self.run_id, **states()
+                    tmp, cfg=self.cfg, step=step, metrics=metrics, epoch=epoch, run_id=self.run_id, sha=sha, **states()
                 )
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)

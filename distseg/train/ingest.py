@@ -88,12 +88,17 @@ class PairedViews:
         self.transform = v2.Compose(geometric + photometric)  # v2 colour ops leave Mask untouched
 
     def __call__(self, image: np.ndarray, segments: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(view1, seg1, coord1, view2, seg2, coord2): coord (2, S, S) int32 is each view pixel's (y, x) in
+        `image`, transformed with the segments (nearest), so a loss can find a pixel's twin in the
+        other view (Zhang & Maire's augmented reference sampling)."""
         img = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))
-        seg = tv_tensors.Mask(torch.from_numpy(segments.astype(np.int64)))
+        h, w = segments.shape
+        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        seg = tv_tensors.Mask(torch.stack([torch.from_numpy(segments.astype(np.int64)), ys, xs]))
         out = []
         for _ in range(2):
             v, s = self.transform(img, seg)
-            out += [v.numpy(), s.numpy().astype(np.int16)]
+            out += [v.numpy(), s[0].numpy().astype(np.int16), s[1:].numpy().astype(np.int32)]
         return tuple(out)
 
 
@@ -122,10 +127,10 @@ class MakePairs:
                 padded[: dist.shape[0], : dist.shape[0]] = dist
             kept.append((decode_image(row["image"]), segments, padded, image_index(str(row.get("image_id")))))
         c, k = cfg.crop, cfg.max_regions
-        out: dict[str, list] = {"view1": [], "seg1": [], "view2": [], "seg2": [], "dist": [], "image_index": []}
+        keys = ("view1", "seg1", "coord1", "view2", "seg2", "coord2", "dist", "image_index")
+        out: dict[str, list] = {key: [] for key in keys}
         for image, segments, padded, index in kept:
-            a, sa, b, sb = self.views(image, segments)
-            for key, value in zip(out, (a, sa, b, sb, padded, index)):
+            for key, value in zip(keys, (*self.views(image, segments), padded, index)):
                 out[key].append(value)
         if not kept:
             shapes = {
@@ -133,6 +138,8 @@ class MakePairs:
                 "seg1": ((c, c), np.int16),
                 "view2": ((3, c, c), np.uint8),
                 "seg2": ((c, c), np.int16),
+                "coord1": ((2, c, c), np.int32),
+                "coord2": ((2, c, c), np.int32),
                 "dist": ((k, k), np.float32),
                 "image_index": ((), np.int64),
             }

@@ -52,12 +52,14 @@ def to_views(batch: dict, device: torch.device, channels_last: bool = False) -> 
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     ids = batch.get("image_index")
+    coords = {k: batch[k].to(device) for k in ("coord1", "coord2") if k in batch}
     return Views(
         images=images,
         seg1=batch["seg1"].to(device).long(),
         seg2=batch["seg2"].to(device).long(),
         dist=batch["dist"].to(device).float(),
         image_ids=ids.to(device).long() if ids is not None else None,
+        **coords,
     )
 
 

@@ -3,12 +3,14 @@
 * :mod:`distseg.eval.davis.measures`: J (region similarity), F (contour accuracy) as the official
   DAVIS code defines them, and :class:`DavisEvaluator` (per-sequence mean / recall / decay, ``JF_mean``).
 * :mod:`distseg.eval.davis.propagation`: label propagation by windowed top-k feature affinity (DINO,
-  CRW): :func:`propagate_labels`, lazily :func:`iter_propagation`, one frame at a time
+  CRW; or Zhang & Maire's per-frame top-k with raw weights and xy-augmented features):
+  :func:`propagate_labels`, lazily :func:`iter_propagation`, one frame at a time
   :class:`LabelPropagator`.
 * :mod:`distseg.eval.davis.benchmark`: :func:`evaluate_sequences`, the loop over a DAVIS reader.
 
-The ``davis`` evaluation protocol (``distseg.eval.protocols.davis``) puts these behind the evaluator
-contract of `distseg evaluate`.
+The ``davis`` and ``davis_zm`` evaluation protocols (``distseg.eval.protocols.davis``) put these
+behind the evaluator contract of `distseg evaluate`. The data is DAVIS-2016 (one object per
+sequence), not the DAVIS-2017 of the papers' tables.
 """
 
 from distseg.eval.davis.benchmark import evaluate_sequences, sequence_frame_ids

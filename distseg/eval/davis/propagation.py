@@ -1,6 +1,6 @@
-"""Label propagation through a video from per-frame features (DINO / CRW protocol).
+"""Label propagation through a video from per-frame features (DINO / CRW, and Zhang & Maire's rule).
 
-:func:`propagate_labels` follows the protocol of DINO (Caron et al. 2021,
+:func:`propagate_labels` follows by default the protocol of DINO (Caron et al. 2021,
 ``eval_video_segmentation.py``) and CRW (Jabri et al. 2020, "Space-Time Correspondence as a
 Contrastive Random Walk", ``code/test.py``): each target pixel's L2-normalised feature is compared by
 cosine similarity with the pixels of a context (the first frame with its given mask, plus the
@@ -10,9 +10,20 @@ the whole context are kept, their similarities go through a softmax with a tempe
 target's soft labels are the weighted sum of theirs. The soft labels are upsampled bilinearly to the
 frame size and the argmax is the prediction.
 
+Zhang & Maire 2020 (Sec. 5.3: ``y_t(i) = sum_k sum_j sim(F_t(i), F_{t-k}(j)) y_{t-k}(j)``, k = 2
+previous frames, j the 10 nearest neighbours, one-hot labels, features "augmented with spatial
+coordinates") is the same machinery with ``use_first=False, num_prev=2, topk=10,
+topk_per_frame=True, weighting="raw", xy_weight > 0, radius=None`` (the ``davis_zm`` protocol):
+``topk_per_frame`` keeps the top-k of each context frame (the inner sum over j runs per frame t-k),
+``weighting="raw"`` weighs them by their similarity itself (clipped at 0) instead of a softmax, and
+``xy_weight`` makes the similarity that of features augmented with ``xy_weight`` times the pixel's
+(y, x) (in units of the longer feature side): ``sim = cos(f, f') - xy_weight**2 / 2 * |p - p'|^2``,
+which is ``1 - |a - a'|^2 / 2`` for the augmented vectors ``a = [f, xy_weight * p]``, so its nearest
+neighbours are those of the augmented features.
+
 :class:`LabelPropagator` is the same computation driven one frame at a time (``start`` with frame 0
 and its mask, then ``step`` per frame): it keeps only the context, so a caller that receives frames
-as a stream (the ``davis`` protocol) never holds a whole video's features.
+as a stream (the ``davis`` protocols) never holds a whole video's features.
 """
 
 from __future__ import annotations
@@ -66,20 +77,60 @@ def _window_bias(tile: int, radius: int, ctx: int, shape: str, device: torch.dev
     return torch.where(allowed, 0.0, _MASKED)
 
 
+def _topk(aff: torch.Tensor, k: int, frames: int, layout: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of (B, Q, N) affinities: over all N keys (``frames == 0``), else per context frame.
+
+    Per frame, the keys are ``frames`` blocks of N / frames (``layout=None``: frame-major, key
+    ``f * n + m``) or the windowed order (col, frame, row) of ``layout = (cols, rows)``. Returns
+    (values, key indices into N), both (B, Q, k') with k' = k, or frames * k per frame."""
+    if not frames:
+        return aff.topk(min(k, aff.shape[-1]), dim=-1)
+    b, q, n = aff.shape
+    per = n // frames
+    if layout is None:
+        values, index = aff.view(b, q, frames, per).topk(min(k, per), dim=-1)
+        index = index + (torch.arange(frames, device=aff.device) * per)[:, None]
+    else:
+        cols, rows = layout
+        grouped = aff.view(b, q, cols, frames, rows).permute(0, 1, 3, 2, 4).reshape(b, q, frames, per)
+        values, index = grouped.topk(min(k, per), dim=-1)
+        frame = torch.arange(frames, device=aff.device)[:, None]
+        index = (index // rows) * (frames * rows) + frame * rows + index % rows
+    return values.reshape(b, q, -1), index.reshape(b, q, -1)
+
+
 def _weighted_labels(
-    aff: torch.Tensor, key_labels: torch.Tensor, topk: int, temperature: float, batch_stride: int = 0
+    aff: torch.Tensor,
+    key_labels: torch.Tensor,
+    topk: int,
+    temperature: float,
+    batch_stride: int = 0,
+    *,
+    weighting: str = "softmax",
+    frames: int = 0,
+    layout: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """(B, Q, N) affinities -> (B, Q, L) soft labels of each query's top-k keys; key n of batch entry b
-    has the labels ``key_labels[b * batch_stride + n]`` (an (M, L) table)."""
-    k = min(topk, aff.shape[-1])
-    values, index = aff.topk(k, dim=-1)
-    weights = torch.softmax(values / temperature, dim=-1)
+    has the labels ``key_labels[b * batch_stride + n]`` (an (M, L) table). ``weighting``: "softmax"
+    of similarity / temperature (DINO, CRW) or "raw" similarity clipped at 0 (Zhang & Maire);
+    ``frames`` > 0: top-k per context frame (see :func:`_topk`)."""
+    values, index = _topk(aff, topk, frames, layout)
+    if weighting == "raw":
+        weights = values.clamp(min=0)
+    else:
+        weights = torch.softmax(values / temperature, dim=-1)
     index = index + (torch.arange(aff.shape[0], device=aff.device) * batch_stride)[:, None, None]
     return (weights[..., None] * key_labels[index]).sum(dim=2)
 
 
 def _propagate_dense(
-    query: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, topk: int, temperature: float
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    labels: torch.Tensor,
+    topk: int,
+    temperature: float,
+    weighting: str = "softmax",
+    per_frame: bool = False,
 ) -> torch.Tensor:
     """No window: every target pixel against every context pixel, in chunks of target pixels."""
     d, h, w = query.shape
@@ -89,7 +140,9 @@ def _propagate_dense(
     out = torch.empty(q.shape[0], labels.shape[1], device=query.device)
     step = max(1, _CHUNK_ELEMENTS // k.shape[1])
     for s in range(0, q.shape[0], step):
-        out[s : s + step] = _weighted_labels((q[s : s + step] @ k)[None], key_labels, topk, temperature)[0]
+        aff = (q[s : s + step] @ k)[None]
+        frames = keys.shape[0] if per_frame else 0
+        out[s : s + step] = _weighted_labels(aff, key_labels, topk, temperature, weighting=weighting, frames=frames)[0]
     return out.T.reshape(-1, h, w)
 
 
@@ -106,6 +159,8 @@ def _propagate_windowed(
     temperature: float,
     radius: int,
     shape: str,
+    weighting: str = "softmax",
+    per_frame: bool = False,
 ) -> torch.Tensor:
     """Windowed affinity by tiles: a tile x tile block of targets meets the (tile + 2r)^2 keys around it.
 
@@ -141,7 +196,16 @@ def _propagate_windowed(
             kt = band[tx * t :].as_strided((n, n_keys, d + 1), (tile_stride * (d + 1), d + 1, 1))
             aff = torch.bmm(q_row[tx : tx + n], kt.transpose(1, 2)).add_(bias)  # baddbmm is slower here
             labels_from = band_labels[tx * tile_stride :]
-            out[ty, tx : tx + n] = _weighted_labels(aff, labels_from, topk, temperature, tile_stride)
+            out[ty, tx : tx + n] = _weighted_labels(
+                aff,
+                labels_from,
+                topk,
+                temperature,
+                tile_stride,
+                weighting=weighting,
+                frames=ctx if per_frame else 0,
+                layout=(size, size),
+            )
     out = out.reshape(nty, ntx, t, t, num_labels).permute(4, 0, 2, 1, 3).reshape(num_labels, hp, wp)
     return out[:, :h, :w]
 
@@ -155,12 +219,31 @@ def propagate_frame(
     radius: int | None = 12,
     temperature: float = 0.07,
     window: str = "square",
+    weighting: str = "softmax",
+    topk_per_frame: bool = False,
 ) -> torch.Tensor:
-    """Soft labels (L, h, w) of one target frame from its context (L2-normalised (D, h, w) features)."""
+    """Soft labels (L, h, w) of one target frame from its context (L2-normalised (D, h, w) features;
+    ``weighting`` and ``topk_per_frame`` as :func:`propagate_labels`)."""
     keys, labels = torch.stack(list(context_features)), torch.stack(list(context_labels))
     if radius is None:
-        return _propagate_dense(query, keys, labels, topk, temperature)
-    return _propagate_windowed(query, keys, labels, topk, temperature, int(radius), window)
+        return _propagate_dense(query, keys, labels, topk, temperature, weighting, topk_per_frame)
+    return _propagate_windowed(query, keys, labels, topk, temperature, int(radius), window, weighting, topk_per_frame)
+
+
+def _xy_channels(feat: torch.Tensor, xy_weight: float, role: str) -> torch.Tensor:
+    """Append position channels so that query . key = cos - xy_weight**2 / 2 * |p_query - p_key|^2.
+
+    p = (y, x) of the pixel centre in units of the longer side; a query gets [w p, -w^2 |p|^2 / 2, 1],
+    a key [w p, 1, -w^2 |p|^2 / 2] (w = xy_weight)."""
+    _, h, w = feat.shape
+    side = max(h, w)
+    ys = (torch.arange(h, device=feat.device, dtype=feat.dtype) + 0.5) / side
+    xs = (torch.arange(w, device=feat.device, dtype=feat.dtype) + 0.5) / side
+    pos = xy_weight * torch.stack(torch.meshgrid(ys, xs, indexing="ij"))
+    half_sq = -0.5 * (pos**2).sum(0, keepdim=True)
+    one = torch.ones_like(half_sq)
+    extra = [pos, half_sq, one] if role == "query" else [pos, one, half_sq]
+    return torch.cat([feat, *extra])
 
 
 def _argmax_channels(probs: torch.Tensor) -> torch.Tensor:
@@ -189,6 +272,9 @@ class LabelPropagator:
         use_first: bool = True,
         queue: bool = False,
         window: str = "square",
+        weighting: str = "softmax",
+        topk_per_frame: bool = False,
+        xy_weight: float = 0.0,
     ) -> None:
         if num_prev < 0 or topk < 1 or temperature <= 0:
             raise ValueError(f"need num_prev >= 0, topk >= 1, temperature > 0; got {num_prev}, {topk}, {temperature}")
@@ -196,8 +282,13 @@ class LabelPropagator:
             raise ValueError("empty context: use_first=False needs num_prev >= 1")
         if window not in ("square", "disk"):
             raise ValueError(f"window must be 'square' (DINO) or 'disk' (CRW), got {window!r}")
+        if weighting not in ("softmax", "raw"):
+            raise ValueError(f"weighting must be 'softmax' (DINO, CRW) or 'raw' (Zhang & Maire), got {weighting!r}")
+        if xy_weight < 0:
+            raise ValueError(f"xy_weight must be >= 0, got {xy_weight}")
         self.num_prev, self.topk, self.radius, self.temperature = num_prev, topk, radius, temperature
         self.use_first, self.queue, self.window = use_first, queue, window
+        self.weighting, self.topk_per_frame, self.xy_weight = weighting, topk_per_frame, float(xy_weight)
         self._first: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @torch.no_grad()
@@ -211,8 +302,8 @@ class LabelPropagator:
         self.out_size = tuple(out_size) if out_size is not None else first_mask.shape
         self.num_labels = int(first_mask.max()) + 1
         feat0 = _prepare_features(features, None)
-        self.device, self.size = feat0.device, tuple(feat0.shape[-2:])
-        self._first = (feat0, _soft_labels(first_mask, self.num_labels, self.size, self.device))
+        self.device, self.size, self._shape = feat0.device, tuple(feat0.shape[-2:]), tuple(feat0.shape)
+        self._first = (self._as_key(feat0), _soft_labels(first_mask, self.num_labels, self.size, self.device))
         self._recent: deque[tuple[torch.Tensor, torch.Tensor]] = deque([self._first], maxlen=self.num_prev)
         if first_mask.shape != self.out_size:
             first_mask = cv2.resize(first_mask.astype(np.int32), self.out_size[::-1], interpolation=cv2.INTER_NEAREST)
@@ -225,25 +316,31 @@ class LabelPropagator:
             raise RuntimeError("LabelPropagator.step() before start()")
         first = self._first
         feat = _prepare_features(features, self.device)
-        if tuple(feat.shape) != tuple(first[0].shape):
-            raise ValueError(f"features of shape {tuple(feat.shape)} differ from frame 0's {tuple(first[0].shape)}")
+        if tuple(feat.shape) != self._shape:
+            raise ValueError(f"features of shape {tuple(feat.shape)} differ from frame 0's {self._shape}")
         context = ([first] if self.use_first else []) + [c for c in self._recent if not (self.use_first and c is first)]
         soft = propagate_frame(
-            feat,
+            _xy_channels(feat, self.xy_weight, "query") if self.xy_weight else feat,
             [c[0] for c in context],
             [c[1] for c in context],
             topk=self.topk,
             radius=self.radius,
             temperature=self.temperature,
             window=self.window,
+            weighting=self.weighting,
+            topk_per_frame=self.topk_per_frame,
         )
         probs = F.interpolate(soft[None], size=self.out_size, mode="bilinear", align_corners=False)[0]
         pred = _argmax_channels(probs)
         if self.num_prev:
             # queue=True keeps the soft labels (DINO, CRW); otherwise the hard prediction goes back in
             labels = soft if self.queue else _soft_labels(pred, self.num_labels, self.size, self.device)
-            self._recent.append((feat, labels))
+            self._recent.append((self._as_key(feat), labels))
         return pred.cpu().numpy().astype(np.int64)
+
+    def _as_key(self, feat: torch.Tensor) -> torch.Tensor:
+        """A frame's features as the context stores them (with position channels when xy_weight > 0)."""
+        return _xy_channels(feat, self.xy_weight, "key") if self.xy_weight else feat
 
 
 def iter_propagation(
@@ -258,6 +355,9 @@ def iter_propagation(
     queue: bool = False,
     out_size: tuple[int, int] | None = None,
     window: str = "square",
+    weighting: str = "softmax",
+    topk_per_frame: bool = False,
+    xy_weight: float = 0.0,
 ) -> Iterator[np.ndarray]:
     """Lazy :func:`propagate_labels`: yields each frame's label map as soon as its features arrive."""
     propagator = LabelPropagator(
@@ -268,6 +368,9 @@ def iter_propagation(
         use_first=use_first,
         queue=queue,
         window=window,
+        weighting=weighting,
+        topk_per_frame=topk_per_frame,
+        xy_weight=xy_weight,
     )
     frames = iter(features)
     first_mask = np.asarray(first_mask)
@@ -290,6 +393,9 @@ def propagate_labels(
     queue: bool = False,
     out_size: tuple[int, int] | None = None,
     window: str = "square",
+    weighting: str = "softmax",
+    topk_per_frame: bool = False,
+    xy_weight: float = 0.0,
 ) -> list[np.ndarray]:
     """Propagate the first frame's labels through a video given per-frame features.
 
@@ -301,7 +407,10 @@ def propagate_labels(
     temperature: of the softmax over the top-k cosine similarities; use_first: keep frame 0 (with its
     given mask) in the context; queue: the previous frames carry their soft predictions at feature
     resolution (DINO/CRW) instead of their hard predictions re-encoded as one-hot; out_size: (H, W) of
-    the returned maps (default: first_mask's); window: "square" (DINO) or "disk" (CRW).
+    the returned maps (default: first_mask's); window: "square" (DINO) or "disk" (CRW);
+    weighting: "softmax" of similarity / temperature (DINO, CRW) or "raw" similarity clipped at 0
+    (Zhang & Maire); topk_per_frame: keep the top-k of each context frame instead of the top-k of the
+    whole context; xy_weight: > 0 augments the features with the pixel position (module docstring).
     Returns one (H, W) int64 label map per frame; frame 0 is first_mask.
     """
     return list(
@@ -316,5 +425,8 @@ def propagate_labels(
             queue=queue,
             out_size=out_size,
             window=window,
+            weighting=weighting,
+            topk_per_frame=topk_per_frame,
+            xy_weight=xy_weight,
         )
     )

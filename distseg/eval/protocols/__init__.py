@@ -7,31 +7,46 @@ through ``reset()`` / ``process(sample)`` / ``evaluate() -> EvalResult``, as det
 whose metadata (headline metric, params model, needs_train, stochastic, needs_concepts,
 needs_video) tells `distseg evaluate` what to feed it (``base.py``). One module per protocol:
 
-==============  ==================================================================================
-``linear``      1x1 conv probe (or ``head="aspp"``) trained with cross-entropy on the train split
-``kmeans``      spherical k-means of the eval pixels into C clusters, Hungarian matching (or
-                ``overcluster=k`` with majority vote)
-``knn``         SegSort: per-image k-means segments, each eval segment takes the majority label of
-                its 15 nearest train segment prototypes
-``retrieval``   Zhang & Maire, Table 2: per-image k-means into 10 regions, each eval region takes
-                the label of its nearest train region
-``purity``      concept purity: each eval pixel -> nearest concept of a given dictionary
-``davis``       DAVIS-2016 J&F of propagating each video's first-frame mask with the features
-==============  ==================================================================================
+==================  ==============================================================================
+``linear``          1x1 conv probe (or ``head="aspp"``) trained with cross-entropy on the train split;
+                    He et al.'s linear classification with our training recipe (Zhang & Maire's is an
+                    ASPP head: ``head="aspp"`` is a DeepLab-v2-style stand-in)
+``dataset_kmeans``  spherical k-means of all eval pixels into C clusters, Hungarian matching (or
+                    ``overcluster=k`` with majority vote); no paper's protocol (formerly ``kmeans``,
+                    still accepted as an alias in configs)
+``knn``             He et al.'s "k-means" = SegSort: per-image k-means into 25 segments (50
+                    iterations), each eval segment takes the majority label of its 15 nearest train
+                    segment prototypes
+``retrieval``       Zhang & Maire, Table 2: per-image k-means into K = 15 regions, each eval region
+                    takes the label of its nearest train region
+``purity``          concept purity (after He et al.'s measure, per pixel instead of per segment): each
+                    eval pixel -> nearest concept of the checkpoint's dictionary
+``segment_purity``  He et al.'s concept purity: per-image k-means segments -> nearest concept, connected
+                    same-concept segments merged, per-concept share of segments in the majority class
+``davis``           J&F of propagating each video's first-frame mask with the features, DINO / CRW
+                    propagation (no paper of ours), on DAVIS-2016 (single object)
+``davis_zm``        the same with Zhang & Maire's propagation (2 previous frames, 10 nearest
+                    neighbours, raw similarity weights, features augmented with xy); DAVIS-2016 too,
+                    where they report DAVIS-2017
+``position``        diagnostic, run for every source by default (``evaluate.diagnostics``): R^2 of a
+                    linear read-out of pixel position, and the same-position cosine gap across images
+==================  ==============================================================================
+
+Each protocol's module docstring says which paper's protocol it is and where it departs from it.
 
 Resolution.  Metrics are always computed at **label resolution**.  The clustering protocols
-(``kmeans``, ``knn``, ``retrieval``, ``purity``) assign clusters / segments / concepts at feature
-resolution and upsample those index maps to the label size with nearest-neighbour
-(:func:`resize_nearest`, pixel-centre aligned).  The linear probe is trained at feature resolution
-against labels downsampled with the same nearest-neighbour rule (cheap: the cached train set stays
-small), and at evaluation its logits are upsampled **bilinearly** to label resolution before the
-argmax (for the 1x1 probe this equals classifying bilinearly upsampled features).
+(``dataset_kmeans``, ``knn``, ``retrieval``, ``purity``, ``segment_purity``) assign clusters /
+segments / concepts at feature resolution and upsample those index maps to the label size with
+nearest-neighbour (:func:`resize_nearest`, pixel-centre aligned).  The linear probe is trained at
+feature resolution against labels downsampled with the same nearest-neighbour rule (cheap: the cached
+train set stays small), and at evaluation its logits are upsampled **bilinearly** to label resolution
+before the argmax (for the 1x1 probe this equals classifying bilinearly upsampled features).
 
 Feature vectors are L2-normalised (cosine geometry) by all protocols except ``linear``, which
 centres them with the train split's mean and divides by one global train RMS scale instead.
 
 Samples whose ``label`` is ``None`` are skipped (counted in ``num_skipped``), except that
-``kmeans`` still clusters them (its fit needs no labels).
+``dataset_kmeans`` still clusters them (its fit needs no labels) and ``position`` never reads labels.
 
 A new protocol: subclass :class:`Evaluator` in a module that registers it with
 ``@register_protocol(name, headline=..., params=...)`` (or ``PROTOCOLS.register``) and is imported
@@ -39,6 +54,7 @@ A new protocol: subclass :class:`Evaluator` in a module that registers it with
 """
 
 from distseg.eval.protocols.base import (
+    PROTOCOL_ALIASES,
     PROTOCOLS,
     EvalResult,
     Evaluator,
@@ -50,35 +66,45 @@ from distseg.eval.protocols.base import (
     protocol_kwargs,
     register_protocol,
     resize_nearest,
+    resolve_protocol_name,
 )
-from distseg.eval.protocols.davis import DavisParams, DavisProtocol
-from distseg.eval.protocols.kmeans import KMeansParams, KMeansProtocol
+from distseg.eval.protocols.davis import DavisParams, DavisProtocol, DavisZMParams, DavisZMProtocol
+from distseg.eval.protocols.kmeans import DatasetKMeansProtocol, KMeansParams
 from distseg.eval.protocols.knn import KNNParams, KNNProtocol, RetrievalParams, RetrievalProtocol
 from distseg.eval.protocols.linear import ASPPHead, LinearParams, LinearProbeProtocol
-from distseg.eval.protocols.purity import PurityProtocol
+from distseg.eval.protocols.position import PositionParams, PositionProtocol
+from distseg.eval.protocols.purity import PurityProtocol, SegmentPurityParams, SegmentPurityProtocol
 
 __all__ = [
     "PROTOCOLS",
+    "PROTOCOL_ALIASES",
     "ASPPHead",
     "DavisParams",
     "DavisProtocol",
+    "DavisZMParams",
+    "DavisZMProtocol",
+    "DatasetKMeansProtocol",
     "EvalResult",
     "Evaluator",
     "FeatureSample",
     "KMeansParams",
-    "KMeansProtocol",
     "KNNParams",
     "KNNProtocol",
     "LinearParams",
     "LinearProbeProtocol",
     "NoParams",
+    "PositionParams",
+    "PositionProtocol",
     "ProtocolInfo",
     "PurityProtocol",
     "RetrievalParams",
     "RetrievalProtocol",
+    "SegmentPurityParams",
+    "SegmentPurityProtocol",
     "create_protocol",
     "protocol_info",
     "protocol_kwargs",
     "register_protocol",
     "resize_nearest",
+    "resolve_protocol_name",
 ]

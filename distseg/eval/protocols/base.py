@@ -13,9 +13,15 @@ A protocol is a class registered in :data:`PROTOCOLS` whose instances follow det
 ``needs_concepts``  runs on the checkpoint only, built with ``concepts=`` (its concept dictionary)
 ``needs_video``     fed the frames of ``data``'s video sequences in temporal order, one sequence
                     after another, instead of the labelled eval split
+``summary``         further metrics printed beside the headline in the summary lines (e.g.
+                    ``position``'s ``cos_gap``)
 ==================  ===========================================================================
 
 ``EvalResult.metrics`` keys are ``<protocol name>/<metric>``; the headline is one of them.
+
+:data:`PROTOCOL_ALIASES` maps retired protocol names to their new ones. Only configs and the command
+line accept an alias (`distseg evaluate` resolves it, with a warning, and reports under the new name);
+the registry, :func:`create_protocol` and the metric keys know only the new name.
 """
 
 from __future__ import annotations
@@ -37,6 +43,18 @@ from distseg.eval.metrics import ConfusionMatrix
 Split = Literal["train", "eval"]
 
 PROTOCOLS: Registry[type] = Registry("protocol")
+
+# retired name -> current name; accepted in evaluate.protocols / diagnostics / protocol_args only
+PROTOCOL_ALIASES: dict[str, str] = {
+    # dataset-level pixel k-means + Hungarian was called "kmeans", which read as He et al.'s k-means
+    # protocol (that one is `knn`); see distseg/eval/protocols/kmeans.py
+    "kmeans": "dataset_kmeans",
+}
+
+
+def resolve_protocol_name(name: str) -> str:
+    """``name``, or the current name of a retired one (:data:`PROTOCOL_ALIASES`)."""
+    return PROTOCOL_ALIASES.get(name, name)
 
 
 @dataclass
@@ -255,6 +273,7 @@ class ProtocolInfo:
     needs_concepts: bool = False
     needs_video: bool = False
     data: str | None = None  # needs_video: the dataset source of the sequences
+    summary: tuple[str, ...] = ()  # metrics printed beside the headline
 
 
 def register_protocol(
@@ -266,6 +285,7 @@ def register_protocol(
     stochastic: bool = False,
     needs_concepts: bool = False,
     needs_video: bool = False,
+    summary: Sequence[str] = (),
     **meta: Any,
 ) -> Callable[[type[Evaluator]], type[Evaluator]]:
     """Class decorator: register an :class:`Evaluator` in :data:`PROTOCOLS` under ``name`` (also its
@@ -282,6 +302,7 @@ def register_protocol(
             stochastic=stochastic,
             needs_concepts=needs_concepts,
             needs_video=needs_video,
+            summary=tuple(summary),
             **meta,
         )
         return cls
