@@ -122,6 +122,32 @@ def pretrain(
 
 
 @app.command()
+def tune(
+    space: str = typer.Option(..., "--space", "-s", help="search space YAML (see tune_spaces/) or shipped name"),
+    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP + " (default: the space's `config`)"),
+    data: str | None = typer.Option(
+        None, "--data", "-d", help="shards folder written by `distseg mine` (default: mine the synthetic set first)"
+    ),
+    name: str | None = typer.Option(None, help="sweep name (default: tune_<space file name>)"),
+    resume: bool = typer.Option(False, "--resume", help="finish an interrupted sweep of this name (no trial reruns)"),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (applied to every trial)"),
+) -> None:
+    """Sweep a method's knobs with Ray Tune: each trial a pretraining run, ASHA early stopping, MLflow child runs."""
+    from distseg.train.ingest import IngestError
+    from distseg.tune import SpaceError, SweepError, print_summary, sweep
+
+    try:
+        result = sweep(space, config=config, data=data, overrides=list(overrides or []), resume=resume, name=name)
+    except (SpaceError, SweepError, ConfigError, IngestError, FileNotFoundError) as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2 if isinstance(e, SpaceError | ConfigError) else 1) from None
+    from distseg.cluster import shutdown_ray
+
+    shutdown_ray()  # flush Ray's forwarded worker logs now, so the summary really is the last line
+    print_summary(result)
+
+
+@app.command()
 def evaluate(
     checkpoint: str | None = typer.Option(
         None, "--checkpoint", help="checkpoint folder from `distseg pretrain` (model.pt, config.yaml)"

@@ -25,6 +25,11 @@ def init_ray(cfg: RayConfig | None = None, **kwargs) -> None:
     options: dict = dict(logging_level=logging.WARNING)
     if not address:  # these only apply to a cluster this process starts
         options.update(num_cpus=cfg.num_cpus, include_dashboard=False)
+        # Ray Data reserves CPUs through a cluster-wide coordinator and renews the request every ~10 s; a
+        # dataset whose executor is torn down with its actor (a Train run that ends, a Tune trial that ASHA
+        # stops) leaves its reservation until it expires, 180 s by default, and the next run's ingest waits
+        # for it ("Cluster resources are not enough ... may hang forever"). 30 s keeps renewals safe.
+        os.environ.setdefault("RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S", "30")
     options.update(kwargs)
     ray.init(address=address, **options)
 

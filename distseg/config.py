@@ -143,6 +143,17 @@ class PretrainConfig(Section):
     checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")
     num_to_keep: int | None = Field(3, ge=1, description="checkpoints kept (null: all)")
     max_failures: int = Field(3, ge=0, description="worker failures to recover from (resume from the last checkpoint)")
+    probe_every: int = Field(
+        0,
+        ge=0,
+        description="steps between in-loop probes on labelled held-out images (0: off; `distseg tune` stops on it)",
+    )
+    probe_protocol: str = Field(
+        "dataset_kmeans", description="the evaluation protocol the probe runs (its headline is reported as probe_score)"
+    )
+    probe_images: int = Field(
+        24, ge=2, description="probe images, the first N of evaluate.data's evaluate.train_split (never the eval split)"
+    )
 
 
 class EvaluateConfig(Section):

@@ -45,6 +45,10 @@ class TrainerSpec:
     max_failures: int = 0
     num_to_keep: int | None = None
     datasets: dict[str, Any] = field(default_factory=dict)
+    # Ray Train retries a worker group that cannot start (60 s each, $RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S)
+    # without limit by default: a run asking for more than the cluster has would wait forever. After this
+    # many failed starts the run fails, saying so (raise it, or the timeout, on a slowly autoscaling cluster).
+    start_attempts: int = 5
 
 
 def worker_config(cfg: Config, run_id: str | None = None, tracking_uri: str | None = None, **extra: Any) -> dict:
@@ -76,7 +80,9 @@ def build_trainer(loop: Callable[[dict], None], loop_config: dict, spec: Trainer
             name=spec.name,
             storage_path=str(spec.storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.num_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=spec.max_failures, controller_failure_limit=spec.start_attempts
+            ),
             callbacks=callbacks,
         ),
         datasets=spec.datasets or None,

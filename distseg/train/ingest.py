@@ -163,8 +163,8 @@ def repeats_per_epoch(rows: int, cfg: PretrainConfig, world: int, min_steps: int
     return max(1, -(-wanted // max(rows, 1)))
 
 
-def build_dataset(shards: str | Path, cfg: PretrainConfig, repeats: int = 1, cpus_per_task: float = 0.5):
-    """The Ray Dataset of paired views that training streams from (decode + augment run as tasks)."""
+def build_dataset(shards: str | Path, cfg: PretrainConfig, repeats: int = 1, cpus_per_task: float = 0.5, seed: int = 0):
+    """The Ray Dataset of paired views that training streams from (read, decode and augment run as tasks)."""
     import ray
 
     files = shard_files(shards)
@@ -172,11 +172,17 @@ def build_dataset(shards: str | Path, cfg: PretrainConfig, repeats: int = 1, cpu
     # Repeats are whole passes over the files, so an image comes back at least a shard file later: a
     # batch never holds an image twice, and a prototype queue or memory bank of recent batches holds
     # no second view of the image being contrasted. Shards keep mining order (often grouped by class
-    # or sequence), so each pass reads the files in a new random order and the loop mixes rows in a
-    # shuffle buffer.
+    # or sequence), so each pass reads the files in a new (seeded) random order and the loop mixes rows
+    # in a shuffle buffer. One read stage over the list of (pass, file) items, one task per file, rather
+    # than a union of `read_parquet` passes: each pass's file listing holds a whole CPU, and on a small
+    # cluster ten of them starved the reads for minutes.
+    rng = np.random.default_rng(seed)
+    order = [files[i] for _ in range(repeats) for i in rng.permutation(len(files))]
     columns = ["image_id", "height", "width", "image", cfg.prior]
-    passes = [ray.data.read_parquet(files, columns=columns, shuffle="files") for _ in range(repeats)]
-    ds = passes[0].union(*passes[1:]) if repeats > 1 else passes[0]
+    ds = ray.data.from_items([{"path": f} for f in order], override_num_blocks=len(order))
+    ds = ds.map_batches(
+        _read_files, fn_kwargs={"columns": columns}, batch_size=1, batch_format="pyarrow", num_cpus=cpus_per_task
+    )
     return ds.map_batches(
         make_pairs,
         fn_kwargs={"cfg": cfg.model_dump(mode="json")},
@@ -184,6 +190,11 @@ def build_dataset(shards: str | Path, cfg: PretrainConfig, repeats: int = 1, cpu
         batch_size=max(cfg.batch_size, 16),
         num_cpus=cpus_per_task,
     )
+
+
+def _read_files(batch: pa.Table, columns: list[str]) -> pa.Table:
+    """The rows of the shard files named in `batch` (a read task)."""
+    return pa.concat_tables([pq.read_table(path, columns=columns) for path in batch.column("path").to_pylist()])
 
 
 def count_rows(shards: str | Path) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from distseg.config import PretrainConfig
 from distseg.core.constants import IMAGENET_MEAN, IMAGENET_STD
 from distseg.methods import Method, Views, create_method
 from distseg.train.engine import WorkerSession
+from distseg.train.probe import Probe
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -111,6 +113,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     pcfg = PretrainConfig.model_validate(cfg_data["pretrain"])
     session = WorkerSession(loop_config, threads=pcfg.cpus_per_worker)
     cfg, device = session.cfg, session.device
+    if session.rank == 0 and loop_config.get("placement_group_file"):
+        record_placement_group(loop_config["placement_group_file"])
 
     method: Method = create_method(cfg)
     net = method.build_model()
@@ -128,6 +132,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     meta = session.restore(optional=tuple(extra), model=net, optimizer=optimizer, loss=loss_fn, **holders)
     method.load_extra_state({name: h.state for name, h in holders.items() if h.state is not None})
     step, epoch = meta.get("step", 0), meta.get("epoch") or 0
+
+    probe = Probe(cfg) if pcfg.probe_every and session.rank == 0 else None
+    probed: dict[str, float] = {}  # the last probe's metrics, carried into every report (Tune needs them in each)
 
     sums: dict[str, float] = defaultdict(float)
     count, t_last = 0, time.perf_counter()
@@ -152,13 +159,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
         step += 1
 
         report, checkpoint = session.due(step, pcfg.log_every, pcfg.checkpoint_every, pcfg.steps)
-        if not report:
+        probe_due = bool(pcfg.probe_every) and (step % pcfg.probe_every == 0 or step == pcfg.steps)
+        if not (report or probe_due):
             continue
         elapsed = time.perf_counter() - t_last
         metrics = {k: v / count for k, v in sums.items()}
         metrics.update(epoch=epoch, lr=lr, images_per_s=count * pcfg.batch_size * session.world / max(elapsed, 1e-9))
         if not all(np.isfinite(v) for v in metrics.values()):
             raise FloatingPointError(f"non-finite loss at step {step}: {metrics}")
+        if probe is not None and (probe_due or not probed):
+            probed = probe(net, device)
+        metrics.update(probed)
         sums.clear()
         count, t_last = 0, time.perf_counter()
 
@@ -171,6 +182,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
             }
 
         session.report(step, metrics, states=states if checkpoint else None, epoch=epoch)
+
+
+def record_placement_group(path: str) -> None:
+    """Write the id of the worker group's placement group to `path`, so whoever ends this run from the
+    outside (a Tune trial stopped by ASHA: its actor is killed, and the Train controller with it, before
+    the controller removes the group) can remove the group. Ray Train's own PlacementGroupCleaner does
+    that only where the state API answers (a cluster with a dashboard, alone on its machine)."""
+    import ray
+
+    group = ray.util.get_current_placement_group()
+    if group is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(group.id.hex())
 
 
 class _StateHolder:

@@ -24,6 +24,7 @@ from distseg.train.engine import TrainerSpec, absolute, cluster_cpus, worker_con
 from distseg.train.engine import build_trainer as engine_trainer
 from distseg.train.ingest import IngestError, build_dataset, count_rows, repeats_per_epoch
 from distseg.train.loop import train_loop_per_worker
+from distseg.train.probe import check_probe
 
 
 @dataclass
@@ -77,16 +78,18 @@ def check_config(cfg: Config) -> Config:
         cfg.model.init_from = absolute(cfg.model.init_from)
         create_model(cfg.model)  # a wrong path or architecture fails here, before Ray or mining starts
     cfg.pretrain.data = absolute(cfg.pretrain.data)
-    return cfg
+    return check_probe(cfg)
 
 
-def prepare(cfg: Config) -> Config:
-    """Validate, start (or attach to) Ray, and make sure there are shards: returns the resolved config."""
+def prepare(cfg: Config, extra_cpus: int = 0) -> Config:
+    """Validate, start (or attach to) Ray, and make sure there are shards: returns the resolved config.
+
+    A local cluster gets at least one run's CPUs (workers + 1 for the ingest) plus `extra_cpus`."""
     from distseg.cluster import init_ray
 
     cfg = check_config(cfg)
     ray_cfg = cfg.ray.model_copy()
-    cluster_cpus(ray_cfg, cfg.pretrain.num_workers * cfg.pretrain.cpus_per_worker + 1)
+    cluster_cpus(ray_cfg, cfg.pretrain.num_workers * cfg.pretrain.cpus_per_worker + 1 + extra_cpus)
     init_ray(ray_cfg)
     if cfg.pretrain.data is None:
         cfg.pretrain.data = absolute(synthetic_shards(cfg))
@@ -102,14 +105,16 @@ def build_trainer(
     storage: str | Path | None = None,
     callbacks: list | None = None,
     memory_batches: int = 8,
+    loop_extra: dict | None = None,
 ):
-    """The streaming dataset and the TorchTrainer of a prepared config (Ray must be up)."""
+    """The streaming dataset and the TorchTrainer of a prepared config (Ray must be up); `loop_extra`
+    goes into the workers' loop config (e.g. `placement_group_file`, see train/loop.py)."""
     import ray.data
 
     pcfg = cfg.pretrain
     rows = count_rows(pcfg.data)
     ray.data.DataContext.get_current().enable_progress_bars = False  # per-step bars would flood the log
-    dataset = build_dataset(pcfg.data, pcfg, repeats_per_epoch(rows, pcfg, pcfg.num_workers))
+    dataset = build_dataset(pcfg.data, pcfg, repeats_per_epoch(rows, pcfg, pcfg.num_workers), seed=cfg.seed)
     spec = TrainerSpec(
         name=name or cfg.name,
         storage=Path(storage) if storage else Path(cfg.workdir).resolve() / "ray_results",
@@ -120,7 +125,7 @@ def build_trainer(
         num_to_keep=pcfg.num_to_keep,
         datasets={"train": dataset},
     )
-    loop_config = worker_config(cfg, run_id, tracking_uri, memory_batches=memory_batches)
+    loop_config = worker_config(cfg, run_id, tracking_uri, memory_batches=memory_batches, **(loop_extra or {}))
     return engine_trainer(train_loop_per_worker, loop_config, spec, callbacks=callbacks)
 
 

@@ -1,0 +1,11 @@
+"""Sweep a method's knobs with Ray Tune on a Ray cluster (the same as `distseg tune`).
+
+ray job submit --working-dir . -- python jobs/tune.py --space tune_spaces/hiergroup.yaml --data SHARDS
+"""
+
+from distseg.cli import app
+
+if __name__ == "__main__":
+    import sys
+
+    app(["tune", *sys.argv[1:]])

@@ -1,0 +1,180 @@
+"""`distseg tune`: space files checked before Ray starts, the concurrency plan, and the demo sweep on a
+real local Ray cluster with a real sqlite MLflow (ASHA stops trials; one child run per trial; nothing
+of a stopped trial is left on the cluster; best_config.yaml reproduces the winner)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distseg.cluster import shutdown_ray
+from distseg.config import load_config
+from distseg.tune import SpaceError, SweepError, load_space, plan_concurrency, sweep
+from distseg.tune.space import check_against_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_space(tmp_path: Path, **changes) -> Path:
+    space = yaml.safe_load((REPO / "tune_spaces" / "demo.yaml").read_text())
+    space.update(changes)
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "tune_spaces").glob("*.yaml")))
+def test_shipped_spaces_are_valid(name):
+    space = load_space(REPO / "tune_spaces" / f"{name}.yaml")
+    cfg = load_config(space.config, space.overrides)
+    check_against_config(space, cfg.model_dump(mode="json"), name)
+    assert cfg.pretrain.probe_every > 0 and space.metric == "probe_score"
+    method = cfg.pretrain.method
+    assert any(k.startswith(f"losses.{method}.") for k in space.params) or name == "demo"
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"losses.hiergroup.sigmap": {"uniform": [0.1, 1.0]}}, "'sigmap' is not a key of losses.hiergroup"),
+        ({"pretrain.lr": {"normal": [0.1, 1.0]}}, "params.pretrain.lr: unknown domain 'normal'"),
+        ({"pretrain.lr": {"loguniform": [0.0, 1.0]}}, "params.pretrain.lr: loguniform needs a positive lower bound"),
+        ({"pretrain.lr": {"uniform": [1.0, 0.1]}}, "params.pretrain.lr: uniform needs lower < upper"),
+        ({"pretrain.steps": {"randint": [1.5, 9]}}, "params.pretrain.steps: randint takes integers"),
+        ({"pretrain.optimizer": {"choice": ["adam", "lbfgs"]}}, "params.pretrain.optimizer = 'lbfgs'"),
+        ({"losses.hiergroup.cns": {"grid": [0, -1]}}, "params.losses.hiergroup.cns = -1"),
+    ],
+)
+def test_bad_space_is_refused_before_ray_starts(tmp_path, params, message):
+    import ray
+
+    path = write_space(tmp_path, params=params)
+    with pytest.raises(SpaceError, match="search space") as info:
+        sweep(path, overrides=[f"workdir={tmp_path}"])
+    assert message in str(info.value)
+    assert not ray.is_initialized()
+
+
+def test_probe_metric_needs_the_probe(tmp_path):
+    path = write_space(tmp_path)
+    with pytest.raises(SpaceError, match="pretrain.probe_every is 0"):
+        sweep(path, overrides=[f"workdir={tmp_path}", "pretrain.probe_every=0"])
+
+
+def test_plan_concurrency():
+    cfg = load_config("demo", ["pretrain.num_workers=2", "pretrain.cpus_per_worker=3"])
+    assert plan_concurrency(cfg, {"CPU": 21.1}) == 3  # 2 x 3 + 1 ingest + 0.01 trial = 7.01 per trial
+    assert plan_concurrency(cfg, {"CPU": 21}) == 2
+    assert plan_concurrency(cfg, {"CPU": 22}, requested=2) == 2
+    gpu = load_config("demo", ["pretrain.num_workers=2", "pretrain.use_gpu=true", "pretrain.cpus_per_worker=1"])
+    assert plan_concurrency(gpu, {"CPU": 64, "GPU": 4}) == 2  # GPUs bound it: 2 per trial
+    with pytest.raises(SweepError, match="one trial needs 7.01 CPU .* the cluster has 4"):
+        plan_concurrency(cfg, {"CPU": 4})
+    with pytest.raises(SweepError, match="one trial needs 2 GPU"):
+        plan_concurrency(gpu, {"CPU": 64})
+
+
+@pytest.fixture
+def _ray_down():
+    yield
+    shutdown_ray()
+
+
+# the demo space at test size: 64-px scenes, 16 steps, a probe every 4 (ASHA rungs at 4 and 8)
+SMALL = [
+    "data.num_images=12",
+    "data.image_size=64",
+    "mine.max_side=64",
+    "hierarchy.max_regions=12",
+    "pretrain.crop=48",
+    "pretrain.crop_scale=[0.5,1.0]",
+    "pretrain.batch_size=4",
+    "pretrain.steps=16",
+    "pretrain.probe_every=4",
+    "pretrain.probe_images=8",
+    "pretrain.log_every=4",
+    "pretrain.checkpoint_every=8",
+    "model.head_channels=16",
+    "model.embed_dim=8",
+]
+
+
+def test_demo_sweep(tmp_path, _ray_down):
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from distseg.tracking import tracking_uri
+
+    space = write_space(tmp_path, scheduler={"name": "asha", "grace_period": 4, "reduction_factor": 2})
+    result = sweep(space, overrides=[f"workdir={tmp_path}", *SMALL])
+    rows = result.rows
+    assert len(rows) == 4 and all(r.status != "FAILED" for r in rows)
+    assert any(r.stopped_early for r in rows), [(r.trial, r.steps) for r in rows]
+    assert result.steps_run < result.steps_full == 4 * 16
+    assert result.best.metric == max(r.metric for r in rows)
+    assert all(0.0 <= r.metric <= 1.0 for r in rows)
+
+    # nothing of the trials is left on the cluster: no live actor but Ray's own, no placement group
+    alive = [a for a in ray._private.state.actors().values() if a["State"] == "ALIVE"]
+    assert not [a for a in alive if "Train" in a["ActorClassName"] or "Trainable" in a["ActorClassName"]], alive
+    pgs = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+    assert not pgs, pgs
+
+    client = MlflowClient(tracking_uri(tmp_path))
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.tags["stage"] == "tune" and parent.data.tags["best_trial"] == result.best.trial
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'"
+    )
+    assert sorted(c.data.tags["trial_id"] for c in children) == sorted(r.trial for r in rows)
+    for child in children:
+        row = next(r for r in rows if r.trial == child.data.tags["trial_id"])
+        assert float(child.data.params["losses.hiergroup.sigma_p"]) == pytest.approx(
+            row.params["losses.hiergroup.sigma_p"]
+        )
+        # the MLflow curve may run a report past Tune's last result: a stopped trial's actor ends a moment later
+        curve = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "probe_score")}
+        assert max(curve) >= row.steps and curve[row.steps] == pytest.approx(row.metric)
+        assert child.info.status == ("KILLED" if row.stopped_early else "FINISHED")
+        assert (child.data.tags.get("best") == "true") == (row is result.best)
+
+    best = load_config(result.best_config)
+    assert best.losses.hiergroup.sigma_p == pytest.approx(result.best.params["losses.hiergroup.sigma_p"])
+    assert best.pretrain.lr == result.best.params["pretrain.lr"] and best.pretrain.steps == 16
+    summary = json.loads((result.best_config.parent / "summary.json").read_text())
+    assert summary["trial"] == [r.trial for r in rows]
+
+    with pytest.raises(SweepError, match="pass --resume"):
+        sweep(space, overrides=[f"workdir={tmp_path}", *SMALL])
+
+
+def test_probe_scores_a_network_on_train_split_images_only():
+    from distseg.models import create_model
+    from distseg.train.probe import Probe, check_probe
+
+    cfg = check_probe(load_config("demo", ["pretrain.probe_every=5", "pretrain.probe_images=6", "data.num_images=8"]))
+    probe = Probe(cfg)
+    assert len(probe.evals.ids) == 6 and probe.train is None and probe.headline == "dataset_kmeans/miou"
+    metrics = probe(create_model(cfg.model))
+    assert 0.0 < metrics["probe_score"] <= 1.0 and metrics["probe_score"] == metrics["probe/miou"]
+    linear = Probe(check_probe(load_config("demo", ["pretrain.probe_every=5", "pretrain.probe_protocol=linear"])))
+    assert len(linear.train.ids) == len(linear.evals.ids) == 12  # the 24 probe images, split in halves
+    assert not set(linear.train.ids) & set(linear.evals.ids)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["pretrain.probe_protocol=kmeanz"], "is not a protocol"),
+        (["pretrain.probe_protocol=davis"], "needs video or a concept dictionary"),
+        (["evaluate.data=bsds"], "needs labels"),
+    ],
+)
+def test_bad_probe_settings_fail_before_training(overrides, message):
+    from distseg.train.probe import ProbeError, check_probe
+
+    with pytest.raises(ProbeError, match=message):
+        check_probe(load_config("demo", ["pretrain.probe_every=5", *overrides]))
