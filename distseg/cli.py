@@ -129,6 +129,9 @@ def tune(
         None, "--data", "-d", help="shards folder written by `distseg mine` (default: mine the synthetic set first)"
     ),
     name: str | None = typer.Option(None, help="sweep name (default: tune_<space file name>)"),
+    images: str | None = typer.Option(
+        None, "--images", help="spaces sweeping grouping settings: the images each trial mines (default: synthetic)"
+    ),
     resume: bool = typer.Option(False, "--resume", help="finish an interrupted sweep of this name (no trial reruns)"),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (applied to every trial)"),
 ) -> None:
@@ -137,7 +140,9 @@ def tune(
     from distseg.tune import SpaceError, SweepError, print_summary, sweep
 
     try:
-        result = sweep(space, config=config, data=data, overrides=list(overrides or []), resume=resume, name=name)
+        result = sweep(
+            space, config=config, data=data, overrides=list(overrides or []), resume=resume, name=name, images=images
+        )
     except (SpaceError, SweepError, ConfigError, IngestError, FileNotFoundError) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2 if isinstance(e, SpaceError | ConfigError) else 1) from None

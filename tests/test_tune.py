@@ -33,7 +33,8 @@ def test_shipped_spaces_are_valid(name):
     check_against_config(space, cfg.model_dump(mode="json"), name)
     assert cfg.pretrain.probe_every > 0 and space.metric == "probe_score"
     method = cfg.pretrain.method
-    assert any(k.startswith(f"losses.{method}.") for k in space.params) or name == "demo"
+    grouping = [k for k in space.params if k.startswith(("mine.", "hierarchy.", "priors."))]
+    assert any(k.startswith(f"losses.{method}.") for k in space.params) or grouping or name == "demo"
 
 
 @pytest.mark.parametrize(
@@ -178,3 +179,70 @@ def test_bad_probe_settings_fail_before_training(overrides, message):
 
     with pytest.raises(ProbeError, match=message):
         check_probe(load_config("demo", ["pretrain.probe_every=5", *overrides]))
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_sweep_driver_then_resume_finishes_every_trial_once(tmp_path):
+    """The sweep driver (and the Ray cluster it started) killed once the first trial is done; `--resume`
+    runs the others to their end (or ASHA's stop) and leaves the finished one alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from distseg.tracking import tracking_uri
+
+    space = write_space(tmp_path, scheduler={"name": "asha", "grace_period": 4, "reduction_factor": 2})
+    args = [sys.executable, "-m", "distseg.cli", "tune", "--space", str(space), f"workdir={tmp_path}", *SMALL]
+    proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 900
+    for line in proc.stdout:  # "[tune] trial ... finished ..." after the first trial ends
+        if "[tune] trial" in line or time.time() > deadline:
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    train = tmp_path / "ray_results" / "tune_space" / "train"
+    first = {run.name: sorted(p.name for p in run.glob("checkpoint_*")) for run in train.iterdir()}
+    assert first, "the kill should land after the first trial"
+
+    done = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("best probe_score=")
+    summary = json.loads((tmp_path / "tune" / "tune_space" / "summary.json").read_text())
+    assert len(summary["trial"]) == 4 and "FAILED" not in summary["status"]
+    client = MlflowClient(tracking_uri(tmp_path))
+    children = client.search_runs(
+        [client.get_experiment_by_name("distseg-demo").experiment_id], filter_string="tags.stage = 'tune_trial'"
+    )
+    assert sorted(c.data.tags["trial_id"] for c in children) == sorted(summary["trial"])  # one run per trial
+    finished_before = [name for name, ckpts in first.items() if len(ckpts) == 2]  # 16 steps, a checkpoint every 8
+    for name in finished_before:  # not rerun: no new checkpoint
+        assert sorted(p.name for p in (train / name).glob("checkpoint_*")) == first[name]
+
+
+def test_a_grouping_space_takes_images_not_shards(tmp_path):
+    path = write_space(tmp_path, params={"hierarchy.max_regions": {"grid": [4, 12]}})
+    with pytest.raises(SpaceError, match="each trial mines its own shards"):
+        sweep(path, data=str(tmp_path / "shards"), overrides=[f"workdir={tmp_path}"])
+    plain = write_space(tmp_path)
+    with pytest.raises(SpaceError, match="--images is for spaces that sweep grouping"):
+        sweep(plain, images=str(tmp_path), overrides=[f"workdir={tmp_path}"])
+
+
+@pytest.mark.slow
+def test_a_grouping_sweep_mines_each_trials_shards(tmp_path, _ray_down):
+    import pyarrow.parquet as pq
+
+    grid = {"hierarchy.max_regions": {"grid": [3, 12]}}
+    space = write_space(tmp_path, scheduler={"name": "fifo"}, num_samples=1, params=grid)
+    small = [o for o in SMALL if not o.startswith("hierarchy.")] + ["pretrain.steps=4", "pretrain.probe_every=4"]
+    result = sweep(space, overrides=[f"workdir={tmp_path}", *small])
+    assert sorted(r.params["hierarchy.max_regions"] for r in result.rows) == [3, 12]
+    for row in result.rows:
+        shards = tmp_path / "ray_results" / "tune_space" / "train" / f"tune_space_{row.trial}" / "mined" / "shards"
+        tables = [pq.read_table(f, columns=["ucm"]).column("ucm").combine_chunks() for f in shards.glob("*.parquet")]
+        regions = [n for t in tables for n in t.field("num_regions").to_pylist()]
+        assert len(regions) == 12 and max(regions) <= row.params["hierarchy.max_regions"]

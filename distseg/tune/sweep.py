@@ -39,6 +39,7 @@ from distseg.config import Config, apply_overrides, build_config, load_config, t
 from distseg.tune.space import SearchSpace, SpaceError, check_against_config, load_space, to_tune
 
 TRIAL_CPU = 0.01  # the trial function only drives its Train run; Ray refuses an empty request
+MINING_KEYS = ("mine.", "hierarchy.", "priors.", "edges.")  # a space sweeping these mines shards per trial
 GROUP_FILE = "placement_group"  # in each trial's Train run folder: its worker group's placement group id
 STATE_FILE = "distseg_sweep.json"  # in the Tune experiment folder: the parent run, space and config
 
@@ -115,6 +116,14 @@ def _trial(tune_config: dict, base: dict, sweep_info: dict) -> None:
     cfg = build_config(apply_overrides(base, [f"{k}={json.dumps(v)}" for k, v in params.items()]), f"trial {trial_id}")
     cfg.name = f"{sweep_info['name']}_{trial_id}"
     storage = Path(sweep_info["train_storage"])
+    if sweep_info.get("images"):  # the space sweeps grouping settings: this trial's own shards (resumable)
+        from distseg.mining import mine
+
+        shards = storage / cfg.name / "mined"
+        if cfg.pretrain.prior not in cfg.mine.priors:
+            cfg.mine.priors = [*cfg.mine.priors, cfg.pretrain.prior]
+        mine(cfg, sweep_info["images"], str(shards), progress=False)
+        cfg.pretrain.data = str(shards)
     id_file = storage / cfg.name / "mlflow_run_id"
     previous = id_file.read_text().strip() if id_file.is_file() else None
     tags = {"stage": "tune_trial", "trial_id": trial_id, "sweep": sweep_info["name"], "method": cfg.pretrain.method}
@@ -221,8 +230,12 @@ def sweep(
     overrides: list[str] | None = None,
     resume: bool = False,
     name: str | None = None,
+    images: str | None = None,
 ) -> SweepResult:
-    """Run (or, with `resume`, finish) a sweep; returns the summary with the best trial."""
+    """Run (or, with `resume`, finish) a sweep; returns the summary with the best trial.
+
+    A space that sweeps grouping settings (`mine.*`, `hierarchy.*`, `priors.*`, `edges.*`) mines each
+    trial's own shards first, from `images` (a folder; default: the config's synthetic scenes)."""
     import ray
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
@@ -243,7 +256,19 @@ def sweep(
         )
     check_against_config(space, base_cfg.model_dump(mode="json"), str(space_path))
     sweep_name = name or f"tune_{Path(space_path).stem}"
+    mines = [k for k in space.params if k.startswith(MINING_KEYS)]
+    if mines and data:
+        raise SpaceError(
+            f"search space {space_path} sweeps grouping settings ({', '.join(mines)}): each trial mines its own "
+            "shards, so pass the images (--images DIR, or nothing for the synthetic scenes), not --data SHARDS"
+        )
+    if images and not mines:
+        raise SpaceError(f"--images is for spaces that sweep grouping ({', '.join(MINING_KEYS)}*); pass --data")
+    if images:  # the trials mine these: no synthetic shards for the base config
+        base_cfg.pretrain.data = images
     cfg = prepare(base_cfg, extra_cpus=1)  # Ray up (room for the trial drivers); shards mined once, not per trial
+    if mines:
+        images = str(Path(images).resolve()) if images else str(Path(cfg.workdir).resolve() / "synthetic" / "images")
     workdir = Path(cfg.workdir).resolve()
     experiment = workdir / "ray_results" / sweep_name
     state_file = experiment / STATE_FILE
@@ -267,7 +292,12 @@ def sweep(
     tags = {"stage": "tune", "space": str(space_path), "method": cfg.pretrain.method, "trials": total}
     with start_run(cfg, run_name=sweep_name, tags=tags, run_id=previous) as parent:
         parent.log_dict(space.model_dump(mode="json"), "space.json")
-        info = {"name": sweep_name, "parent_run_id": parent.run_id, "train_storage": str(experiment / "train")}
+        info = {
+            "name": sweep_name,
+            "parent_run_id": parent.run_id,
+            "train_storage": str(experiment / "train"),
+            "images": images if mines else None,
+        }
         trainable = tune.with_resources(tune.with_parameters(_trial, base=base, sweep_info=info), {"CPU": TRIAL_CPU})
         callbacks = [_Progress(metric, space.mode, total, max_t, experiment / "train", sweep_name)]
         if resume:
