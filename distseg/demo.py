@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from distseg.config import Config
 from distseg.data import open_dataset
-from distseg.tracking import start_run, tracking_uri, ui_command
+from distseg.tracking import experiment_url, start_run, tracking_uri, ui_command
 from distseg.viz import color_labels, contact_sheet
 
 
@@ -83,5 +83,5 @@ def run_demo(cfg: Config) -> dict:
         f"MLflow: experiment '{cfg.tracking.experiment}' in {tracking_uri(cfg.workdir, cfg.tracking.uri)} "
         f"(pretraining run {result.run_id}, evaluations nested under it)"
     )
-    print(f"open the MLflow UI: {ui_command(cfg)}  ->  http://127.0.0.1:5000")
+    print(f"open the MLflow UI: {ui_command(cfg)}  ->  {experiment_url(cfg)}")
     return summary

@@ -102,13 +102,64 @@ class Tracker:
             self.client.set_tag(self.run_id, k, str(v))
 
 
+# MLflow 3 opens an experiment on a GenAI traces overview unless it is tagged as model training
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def get_or_create_experiment(uri: str, name: str, workdir: str | Path) -> str:
     client = _client(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get("mlflow.experimentKind") is None:  # an experiment from before the tag
+            client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return exp.experiment_id
     location = artifact_root(workdir) if uri.startswith("sqlite:") else None
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+
+
+def provenance(cfg: Config) -> dict[str, str]:
+    """What a run needs to be traced and reproduced: code (git commit, dirty tree), the resolved
+    config's hash, the seed, the shards' manifest hash (pretraining), and the library versions."""
+    import hashlib
+    import subprocess
+
+    import ray
+    import torch
+
+    import distseg
+    from distseg.checkpoint import config_hash_of, git_sha
+
+    tags = {
+        "git_sha": git_sha() or "unknown",
+        "config_hash": config_hash_of(cfg),
+        "seed": str(cfg.seed),
+        "version.distseg": getattr(distseg, "__version__", "unknown"),
+        "version.torch": torch.__version__,
+        "version.ray": ray.__version__,
+    }
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        tags["git_dirty"] = str(bool(out.stdout.strip())).lower() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        tags["git_dirty"] = "unknown"
+    data = getattr(cfg.pretrain, "data", None)
+    manifest = Path(data) / "_manifest.json" if data and "://" not in str(data) else None
+    if manifest is not None and manifest.is_file():
+        tags["shards_manifest_sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+    return tags
+
+
+def experiment_url(cfg: Config, host: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI page of this config's experiment runs (with `ui_command` serving it)."""
+    uri = tracking_uri(cfg.workdir, cfg.tracking.uri)
+    exp = _client(uri).get_experiment_by_name(cfg.tracking.experiment)
+    return f"{host}/#/experiments/{exp.experiment_id}/runs" if exp is not None else host
 
 
 def _run_exists(client, run_id: str) -> bool:
@@ -135,7 +186,7 @@ def start_run(
     With `run_id` of a run in this store, that run is reopened (a resumed job keeps one run)."""
     uri = tracking_uri(cfg.workdir, cfg.tracking.uri)
     exp_id = get_or_create_experiment(uri, cfg.tracking.experiment, cfg.workdir)
-    run_tags = {k: str(v) for k, v in (tags or {}).items()}
+    run_tags = {**provenance(cfg), **{k: str(v) for k, v in (tags or {}).items()}}
     if parent_run_id:
         run_tags[PARENT_TAG] = parent_run_id
     client = _client(uri)

@@ -46,3 +46,32 @@ def test_failed_block_marks_run_failed(tmp_path, monkeypatch):
 def test_env_uri_overrides(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/other.db")
     assert tracking_uri(tmp_path / "w") == f"sqlite:///{tmp_path}/other.db"
+
+
+def test_runs_record_provenance_and_experiments_open_as_model_training(tmp_path, monkeypatch):
+    import json
+    import subprocess
+
+    import ray
+    import torch
+
+    from distseg.checkpoint import config_hash_of
+    from distseg.tracking import experiment_url
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "_manifest.json").write_text(json.dumps({"rows": 3}))
+    cfg = load_config("demo", [f"workdir={tmp_path}", "seed=7", f"pretrain.data={shards}"])
+    with start_run(cfg, run_name="traced") as tracker:
+        pass
+    client = MlflowClient(tracking_uri(tmp_path))
+    tags = client.get_run(tracker.run_id).data.tags
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert tags["git_sha"] == (head or "unknown") and tags["git_dirty"] in ("true", "false", "unknown")
+    assert tags["config_hash"] == config_hash_of(cfg) and tags["seed"] == "7"
+    assert tags["version.torch"] == torch.__version__ and tags["version.ray"] == ray.__version__
+    assert len(tags["shards_manifest_sha256"]) == 16
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment_url(cfg) == f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs"
