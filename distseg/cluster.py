@@ -12,17 +12,35 @@ import os
 from distseg.config import RayConfig
 
 
+def verbose() -> bool:
+    """$DISTSEG_VERBOSE=1: Ray's own worker and raylet logs on the console too (they always go to its log folder)."""
+    return os.environ.get("DISTSEG_VERBOSE", "0") not in ("", "0", "false")
+
+
+def quiet_logs() -> None:
+    """Unless `verbose()`: Ray Data's per-dataset progress log and MLflow's database set-up lines stay off
+    the console (the stages print their own progress; warnings and errors still show)."""
+    if not verbose():
+        for name in ("ray.data", "ray.train", "ray.tune", "mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def init_ray(cfg: RayConfig | None = None, **kwargs) -> None:
-    """Initialise Ray once per process (a no-op when it already is)."""
+    """Initialise Ray once per process (a no-op when it already is).
+
+    The console is for people: unless `verbose()`, the workers' and raylets' output stays in Ray's log
+    folder (printed once here) and each stage shows its own progress; a failure in a worker still
+    reaches the driver as the exception it raised, with its traceback."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     import ray
 
+    quiet_logs()
     if ray.is_initialized():
         return
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    options: dict = dict(logging_level=logging.WARNING)
+    options: dict = dict(logging_level=logging.WARNING, log_to_driver=verbose())
     if not address:  # these only apply to a cluster this process starts
         options.update(num_cpus=cfg.num_cpus, include_dashboard=False)
         # Ray Data reserves CPUs through a cluster-wide coordinator and renews the request every ~10 s; a
@@ -31,7 +49,11 @@ def init_ray(cfg: RayConfig | None = None, **kwargs) -> None:
         # for it ("Cluster resources are not enough ... may hang forever"). 30 s keeps renewals safe.
         os.environ.setdefault("RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S", "30")
     options.update(kwargs)
-    ray.init(address=address, **options)
+    context = ray.init(address=address, **options)
+    if not options["log_to_driver"]:
+        logs = getattr(context, "address_info", {}).get("session_dir")
+        where = f"{logs}/logs" if logs else "the Ray session's logs folder"
+        print(f"Ray: workers' logs in {where} (DISTSEG_VERBOSE=1 shows them here)", flush=True)
 
 
 def shutdown_ray() -> None:

@@ -107,6 +107,9 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def get_or_create_experiment(uri: str, name: str, workdir: str | Path) -> str:
+    from distseg.cluster import quiet_logs
+
+    quiet_logs()
     client = _client(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:

@@ -75,3 +75,23 @@ def test_runs_record_provenance_and_experiments_open_as_model_training(tmp_path,
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert experiment_url(cfg) == f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs"
+
+
+def test_pretrain_progress_line_reads_what_rank_0_logged(tmp_path, monkeypatch):
+    import json
+
+    from distseg.train.pretrain import TrainProgress
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config("demo", [f"workdir={tmp_path}"])
+    with start_run(cfg) as tracker:
+        progress = TrainProgress(tracker.uri, tracker.run_id, total=200, run_dir=tmp_path / "run")
+        assert progress.line() is None  # nothing logged yet: no line
+        tracker.log_metrics({"loss": 2.5, "images_per_s": 12.0}, step=10)
+        tracker.log_metrics({"loss": 2.25, "images_per_s": 14.5}, step=50)
+        (tmp_path / "run" / "checkpoint_a").mkdir(parents=True)
+        (tmp_path / "run" / "checkpoint_a" / "meta.json").write_text(json.dumps({"step": 50}))
+        line = progress.line()
+        assert line.startswith("pretrain: step 50/200 (25%), loss 2.2500, 14.5 img/s, ETA ")
+        assert line.endswith("checkpoint @ 50")
+        assert progress.line() is None  # the same step is not shown twice

@@ -129,6 +129,85 @@ def build_trainer(
     return engine_trainer(train_loop_per_worker, loop_config, spec, callbacks=callbacks)
 
 
+class TrainProgress:
+    """The driver's display of a pretraining run: step / total, loss, images/s, ETA and the last
+    checkpoint, read from what rank 0 logs to MLflow (the workers' own output stays in Ray's logs).
+    On a terminal one line refreshed in place; otherwise a line at most every `every_s` seconds."""
+
+    def __init__(self, uri: str, run_id: str, total: int, run_dir: Path, every_s: float = 30.0, poll_s: float = 3.0):
+        import sys
+        import threading
+
+        self.uri, self.run_id, self.total, self.run_dir = uri, run_id, total, run_dir
+        self.tty = sys.stdout.isatty()
+        self.every_s, self.poll_s = (poll_s if self.tty else every_s), poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="distseg-train-progress", daemon=True)
+        self._last_step = -1
+
+    def __enter__(self) -> TrainProgress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.show(final=True)
+
+    def _run(self) -> None:
+        import time
+
+        last = 0.0
+        while not self._stop.wait(self.poll_s):
+            if time.monotonic() - last >= self.every_s:
+                last = time.monotonic()
+                self.show()
+
+    def line(self) -> str | None:
+        import json
+
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.uri)
+        loss = client.get_metric_history(self.run_id, "loss")
+        if not loss:
+            return None
+        step, value = loss[-1].step, loss[-1].value
+        if step == self._last_step:
+            return None
+        self._last_step = step
+        speed = client.get_metric_history(self.run_id, "images_per_s")
+        batch_rate = None
+        if len(loss) >= 2 and loss[-1].timestamp > loss[0].timestamp:
+            batch_rate = (loss[-1].step - loss[0].step) / ((loss[-1].timestamp - loss[0].timestamp) / 1000)
+        eta = f"ETA {max(self.total - step, 0) / batch_rate / 60:.1f} min" if batch_rate else "ETA -"
+        checkpoints = sorted(
+            (
+                json.loads((p / "meta.json").read_text()).get("step", 0)
+                for p in self.run_dir.glob("checkpoint_*")
+                if (p / "meta.json").is_file()
+            ),
+        )
+        last_ckpt = f"checkpoint @ {checkpoints[-1]}" if checkpoints else "no checkpoint yet"
+        rate = f"{speed[-1].value:.1f} img/s" if speed else "- img/s"
+        done = f"step {step}/{self.total} ({step / self.total:.0%})"
+        return f"pretrain: {done}, loss {value:.4f}, {rate}, {eta}, {last_ckpt}"
+
+    def show(self, final: bool = False) -> None:
+        try:
+            text = self.line()
+        except Exception:  # the display must never break training (a locked sqlite file, a race)
+            return
+        if text is None:
+            if final and self.tty:
+                print(flush=True)
+            return
+        if self.tty:
+            print("\r" + text.ljust(110), end="\n" if final else "", flush=True)
+        else:
+            print(text, flush=True)
+
+
 def export(result, cfg: Config) -> Path:
     """Copy the run's final checkpoint (all but the optimizer state) to <workdir>/checkpoints/<name>."""
     if result.checkpoint is None:
@@ -155,7 +234,10 @@ def pretrain(cfg: Config, memory_batches: int = 8) -> PretrainResult:
         id_file.write_text(tracker.run_id)
         try:
             trainer = build_trainer(cfg, tracker.run_id, tracker.uri, memory_batches=memory_batches)
-            result = trainer.fit()
+            run_dir = Path(cfg.workdir).resolve() / "ray_results" / cfg.name
+            print(f"pretrain: {cfg.pretrain.method} for {cfg.pretrain.steps} steps, MLflow run {tracker.run_id}")
+            with TrainProgress(tracker.uri, tracker.run_id, cfg.pretrain.steps, run_dir):
+                result = trainer.fit()
         finally:
             context.enable_progress_bars = progress
         final = export(result, cfg)
