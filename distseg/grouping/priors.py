@@ -169,3 +169,6 @@ class SaliencyPrior:
         if foreground.sum() < p.min_area * area:
             return PriorOutput(masks=[])
         return PriorOutput(masks=[Mask(mask=foreground, score=float(saliency[foreground].mean() / 255.0), label=1)])
+
+
+import distseg.distill.prior  # noqa: E402, F401  registers vit_masks (MaskDistill); torch loads only when built
