@@ -169,8 +169,35 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     source = AffinitySource(create_vit(TINY), "test", short_side=32)
     with pytest.raises(ValueError, match="1x1 pixels"):
         source.affinities(np.zeros((1, 1, 3), np.uint8))
-    with pytest.raises(FileNotFoundError, match="no model.pt and config.yaml"):
+    with pytest.raises(FileNotFoundError, match="priors.vit_masks.checkpoint: .*model.pt is missing"):
         AFFINITY_SOURCES.build("checkpoint", checkpoint=str(tmp_path))
+
+
+def test_checkpoint_source_reads_a_distseg_vit_checkpoint(tmp_path):
+    """A distseg checkpoint (vit_tiny backbone) is an affinity source: its ViT's affinities and its
+    pixel embedding pooled per mask; a ResNet checkpoint is refused by name."""
+    from distseg.checkpoint import save_checkpoint
+    from distseg.config import load_config
+    from distseg.models import create_model
+
+    torch.manual_seed(0)
+    cfg = load_config("maskdistill_demo", ["model.head_channels=16", "model.embed_dim=8"])
+    net = create_model(cfg.model)
+    save_checkpoint(tmp_path / "vit", cfg=cfg, step=1, model=net.state_dict())
+    source = AFFINITY_SOURCES.build("checkpoint", checkpoint=str(tmp_path / "vit"), short_side=64)
+    image = np.random.default_rng(1).integers(0, 255, (64, 96, 3), np.uint8)
+    aff = source.affinities(image)
+    assert aff.grid == (4, 6) and aff.A.shape == (24, 24)
+    assert torch.equal(source.vit.blocks[0].attn.qkv.weight, net.backbone.vit.blocks[0].attn.qkv.weight)
+    masks = [np.zeros((64, 96), bool), np.ones((64, 96), bool)]
+    masks[0][:32, :48] = True
+    emb = source.pooled(image, masks, "embedding")
+    assert emb.shape == (2, 8) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    assert source.pooled(image, masks, "cls").shape == (2, 192)
+    resnet = load_config("demo", ["model.head_channels=16"])
+    save_checkpoint(tmp_path / "resnet", cfg=resnet, step=1, model=create_model(resnet.model).state_dict())
+    with pytest.raises(ValueError, match="backbone 'resnet18', which has no attention"):
+        AFFINITY_SOURCES.build("checkpoint", checkpoint=str(tmp_path / "resnet"))
 
 
 # ---------------------------------------------------------------- the vit_masks prior on real images

@@ -215,26 +215,20 @@ def checkpoint_source(
     checkpoint: str | None = None, short_side: int | None = 480, device="cpu", **_
 ) -> CheckpointSource:
     """A distseg checkpoint folder (model.pt + config.yaml) pretrained with a ViT backbone."""
-    import yaml
-
-    from distseg.models import VIT_MODELS, ModelConfig, create_model, load_network_weights
+    from distseg.checkpoint import load_embedding_model
+    from distseg.models import VIT_MODELS
 
     if not checkpoint:
         raise FileNotFoundError("priors.vit_masks.checkpoint: the checkpoint source needs a distseg checkpoint folder")
     folder = Path(checkpoint)
-    if folder.is_file():
-        folder = folder.parent
-    config = folder / "config.yaml"
-    if not (folder / "model.pt").is_file() or not config.is_file():
-        raise FileNotFoundError(
-            f"priors.vit_masks.checkpoint: {folder} has no model.pt and config.yaml (a distseg checkpoint)"
-        )
-    model_cfg = ModelConfig(**((yaml.safe_load(config.read_text()) or {}).get("model") or {}))
-    if model_cfg.backbone not in VIT_MODELS:
+    folder = folder.parent if folder.is_file() else folder
+    try:
+        net, cfg = load_embedding_model(folder)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"priors.vit_masks.checkpoint: {e}") from None
+    if cfg.model.backbone not in VIT_MODELS:
         raise ValueError(
-            f"priors.vit_masks.checkpoint: {folder} has backbone {model_cfg.backbone!r}, which has no attention; "
+            f"priors.vit_masks.checkpoint: {folder} has backbone {cfg.model.backbone!r}, which has no attention; "
             f"pretrain with model.backbone in {sorted(VIT_MODELS)}"
         )
-    net = create_model(model_cfg.model_copy(update={"weights": None, "init_from": None}))
-    load_network_weights(net, folder)
     return CheckpointSource(net, f"checkpoint:{folder.name}", short_side, device)
