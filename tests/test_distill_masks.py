@@ -322,3 +322,22 @@ def test_clustering_recovers_synthetic_classes(weights, tmp_path, ray_cluster):
     chance = np.bincount(classes).max() / len(pairs)
     print(f"purity {purity:.3f} over {len(pairs)} masks, chance {chance:.3f}")
     assert len(pairs) == len(truth) and purity >= 0.55 and purity >= 1.7 * chance
+
+
+# ---------------------------------------------------------------- evaluation of the masks
+
+
+def test_class_agnostic_mask_ap_known_answers():
+    from distseg.distill.evaluate import mask_ap
+
+    instances = np.zeros((40, 40), np.int32)
+    instances[2:18, 2:18], instances[22:38, 22:38] = 1, 2
+    perfect = {"a": [(instances == 1, 0.9), (instances == 2, 0.8)]}
+    assert mask_ap(perfect, {"a": instances})["AP"] == pytest.approx(1.0)
+    half = {"a": [(instances == 1, 0.9)]}  # one of two objects found: recall 0.5 at every threshold
+    assert mask_ap(half, {"a": instances})["AP50"] == pytest.approx(0.5, abs=0.01)
+    wrong = np.zeros((40, 40), bool)
+    wrong[20:22, 0:40] = True
+    assert mask_ap({"a": [(wrong, 1.0)]}, {"a": instances}) == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+    with pytest.raises(ValueError, match="without ground truth"):
+        mask_ap({"b": []}, {"a": instances})
