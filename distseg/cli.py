@@ -200,6 +200,8 @@ def distill_masks(
     c = s.cluster
     typer.echo(f"mined {s.mined} images ({s.errors} errors) in {s.mine_seconds:.1f} s -> {s.masks}")
     typer.echo(f"{c.masks} masks, {c.masks / max(1, c.images):.2f} per image; k-means K={c.clusters}: sizes {c.sizes}")
+    for name, ap in (s.mask_ap or {}).items():
+        typer.echo(f"class-agnostic mask AP of {name}: AP {ap['AP']:.3f}  AP50 {ap['AP50']:.3f}  AP75 {ap['AP75']:.3f}")
     typer.echo(f"clustered shards: {c.output}  (MLflow run {c.run_id})")
 
 

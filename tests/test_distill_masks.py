@@ -341,3 +341,33 @@ def test_class_agnostic_mask_ap_known_answers():
     assert mask_ap({"a": [(wrong, 1.0)]}, {"a": instances}) == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
     with pytest.raises(ValueError, match="without ground truth"):
         mask_ap({"b": []}, {"a": instances})
+
+
+def test_synthetic_mask_ap_of_oracle_masks_is_one_and_saliency_is_scored(tmp_path):
+    """The shard -> scene -> instances path: ground-truth instances stored as vit_masks score AP 1;
+    the saliency baseline, run on the same stored images, is scored on the same ground truth."""
+    import pyarrow as pa
+
+    from distseg.data.synthetic import make_scene
+    from distseg.distill.evaluate import evaluate_synthetic_masks
+    from distseg.grouping.types import Mask, PriorOutput
+    from distseg.shards import GroupingRecord, encode_record, shard_schema
+
+    rows = []
+    for i in range(4):
+        scene = make_scene(i, 64, seed=0, split="train")
+        masks = [Mask(scene.instances == k, 1.0) for k in np.unique(scene.instances)[1:]]
+        uri = f"file:///images/synthetic_train_{i:05d}.png"
+        rows.append(
+            encode_record(GroupingRecord(f"id{i}", uri, scene.image, {"vit_masks": PriorOutput(masks=masks)}), "png")
+        )
+    (tmp_path / "shards").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=shard_schema(["vit_masks"])), tmp_path / "shards/p.parquet")
+    manifest = {"priors": ["vit_masks"], "rows": 4, "shards": [{"path": "shards/p.parquet", "rows": 4}]}
+    (tmp_path / "_manifest.json").write_text(json.dumps(manifest))
+    from distseg.config import load_config
+
+    cfg = load_config("maskdistill_demo", ["data.image_size=64", "seed=0"])
+    ap = evaluate_synthetic_masks(cfg, str(tmp_path))
+    assert ap["vit_masks"]["AP"] == pytest.approx(1.0)
+    assert 0 <= ap["saliency"]["AP"] < 0.9

@@ -65,3 +65,49 @@ def mask_ap(predictions: dict[str, list[tuple[np.ndarray, float]]], ground_truth
         evaluator.summarize()
     stats = [max(0.0, float(v)) for v in evaluator.stats[:3]]  # -1 means "no such objects"
     return {"AP": stats[0], "AP50": stats[1], "AP75": stats[2]}
+
+
+def synthetic_instances(uri: str, image_size: int, seed: int, shape: tuple[int, int]) -> np.ndarray | None:
+    """The instance map of a synthetic scene written as `synthetic_<split>_<index>.png` (None otherwise)."""
+    import re
+
+    import cv2
+
+    from distseg.data.synthetic import make_scene
+
+    found = re.search(r"synthetic_(\w+?)_(\d+)\.png$", uri)
+    if not found:
+        return None
+    instances = make_scene(int(found.group(2)), image_size, seed=seed, split=found.group(1)).instances
+    if instances.shape != shape:  # mining resized the image (mine.max_side)
+        instances = cv2.resize(instances, shape[::-1], interpolation=cv2.INTER_NEAREST)
+    return instances
+
+
+def evaluate_synthetic_masks(cfg, data_uri: str, prior: str = "vit_masks", baselines=("saliency",)) -> dict:
+    """Class-agnostic mask AP of the mined `prior` masks on synthetic scenes, and of baseline mask
+    priors run on the same stored images. {name: {"AP", "AP50", "AP75"}}."""
+    import pyarrow.parquet as pq
+
+    from distseg.distill.cluster import read_manifest
+    from distseg.grouping.priors import create_prior
+    from distseg.mining.listing import resolve_uri
+    from distseg.shards import decode_record
+
+    manifest = read_manifest(data_uri)
+    fs, root = resolve_uri(data_uri)
+    others = {name: create_prior(name, cfg) for name in baselines}
+    predictions: dict[str, dict] = {prior: {}, **{name: {} for name in others}}
+    truth = {}
+    for entry in manifest["shards"]:
+        for row in pq.read_table(f"{root}/{entry['path']}", filesystem=fs).to_pylist():
+            record = decode_record(row, [prior])
+            instances = synthetic_instances(record.uri, cfg.data.image_size, cfg.seed, record.image.shape[:2])
+            if instances is None:
+                raise ValueError(f"{record.uri}: not a synthetic scene; instance ground truth is known only for those")
+            truth[record.image_id] = instances
+            out = record.priors.get(prior)
+            predictions[prior][record.image_id] = [(m.mask, m.score) for m in (out.masks if out else [])]
+            for name, make in others.items():
+                predictions[name][record.image_id] = [(m.mask, m.score) for m in make(record.image).masks]
+    return {name: mask_ap(preds, truth) for name, preds in predictions.items()}

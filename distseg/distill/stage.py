@@ -26,6 +26,7 @@ class DistillSummary:
     mine_seconds: float
     masks: str  # the mined shards (version 1)
     cluster: ClusterSummary
+    mask_ap: dict | None = None  # synthetic scenes: class-agnostic mask AP of vit_masks and of saliency
 
 
 def synthetic_images(cfg: Config) -> str:
@@ -51,6 +52,7 @@ def distill_masks(cfg: Config, data: str, input_uri: str | None = None, output: 
     params = cfg.priors.vit_masks
     if "vit_masks" not in cfg.mine.priors:
         cfg.mine.priors = [*cfg.mine.priors, "vit_masks"]
+    synthetic = input_uri is None  # the built-in scenes: their instances are known, so the masks get an AP
     if input_uri is None:
         if cfg.data.source != "synthetic":
             raise ValueError(f"data.source is {cfg.data.source!r}: give the images with --input")
@@ -69,4 +71,11 @@ def distill_masks(cfg: Config, data: str, input_uri: str | None = None, output: 
         params.checkpoint = str(pretrain(boot).checkpoint)
     summary = mine(cfg, input_uri, data)
     clustered = cluster_masks(cfg, summary.output, output)
-    return DistillSummary(params.checkpoint, summary.mined, summary.errors, summary.seconds, summary.output, clustered)
+    ap = None
+    if synthetic:
+        from distseg.distill.evaluate import evaluate_synthetic_masks
+
+        ap = evaluate_synthetic_masks(cfg, summary.output)
+    return DistillSummary(
+        params.checkpoint, summary.mined, summary.errors, summary.seconds, summary.output, clustered, ap
+    )
