@@ -196,7 +196,11 @@ def distill_masks(
     """Mine vit_masks (pretraining a ViT first when no weights or checkpoint are given), then cluster them."""
     from distseg.distill.stage import distill_masks as run
 
-    s = run(resolve(config, overrides), data, input, out)
+    try:
+        s = run(resolve(config, overrides), data, input, out)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
     c = s.cluster
     typer.echo(f"mined {s.mined} images ({s.errors} errors) in {s.mine_seconds:.1f} s -> {s.masks}")
     typer.echo(f"{c.masks} masks, {c.masks / max(1, c.images):.2f} per image; k-means K={c.clusters}: sizes {c.sizes}")
@@ -215,7 +219,11 @@ def distill_cluster(
     """k-means over the masked images' features across the dataset; pseudo classes into a new version."""
     from distseg.distill.cluster import cluster_masks
 
-    c = cluster_masks(resolve(config, overrides), data, out)
+    try:
+        c = cluster_masks(resolve(config, overrides), data, out)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
     typer.echo(f"{c.masks} masks of {c.images} images, K={c.clusters}: sizes {c.sizes} -> {c.output}")
 
 

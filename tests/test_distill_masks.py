@@ -371,3 +371,30 @@ def test_synthetic_mask_ap_of_oracle_masks_is_one_and_saliency_is_scored(tmp_pat
     ap = evaluate_synthetic_masks(cfg, str(tmp_path))
     assert ap["vit_masks"]["AP"] == pytest.approx(1.0)
     assert 0 <= ap["saliency"]["AP"] < 0.9
+
+
+def test_kmeans_recovers_separated_groups_and_leaves_the_input():
+    from distseg.distill.cluster import kmeans
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 1, (30, 8)) + 10 * np.eye(8)[i] for i in range(3)]).astype(np.float32)
+    before = x.copy()
+    assign, centroids, _ = kmeans(x, 3, 20, 2, seed=0)
+    assert np.array_equal(x, before) and centroids.shape == (3, 8)
+    assert [len(set(assign[i * 30 : (i + 1) * 30])) for i in range(3)] == [1, 1, 1]
+    assert len(set(assign)) == 3
+    with pytest.raises(ValueError, match="clusters=5 exceeds the 4 masks"):
+        kmeans(x[:4], 5, 5, 1, seed=0)
+
+
+def test_cli_refuses_a_missing_weights_file_before_starting_ray(tmp_path):
+    from typer.testing import CliRunner
+
+    from distseg.cli import app
+
+    missing = tmp_path / "dino.pth"
+    args = ["distill", "masks", "--config", "maskdistill", "--data", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, [*args, f"priors.vit_masks.weights={missing}", f"workdir={tmp_path}"])
+    text = " ".join(result.output.split())  # rich wraps the message to the terminal width
+    assert result.exit_code == 1 and f"priors.vit_masks.weights {missing} does not exist" in text
+    assert not (tmp_path / "out").exists()

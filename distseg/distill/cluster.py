@@ -102,7 +102,7 @@ def kmeans(features: np.ndarray, k: int, iters: int, redo: int, seed: int) -> tu
     """faiss spherical k-means -> (assignments, centroids, objective)."""
     import faiss
 
-    x = np.ascontiguousarray(features, np.float32)
+    x = np.array(features, np.float32, copy=True, order="C")  # normalised in place: never the caller's array
     x /= np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
     if len(x) < k:
         raise ValueError(f"priors.vit_masks.clusters={k} exceeds the {len(x)} masks to cluster; lower it")
@@ -138,6 +138,9 @@ def cluster_masks(
         raise ValueError(f"{prior!r} has no clustering settings (priors.{prior}.clusters); use vit_masks")
     if params.features == "embedding" and params.source != "checkpoint":
         raise ValueError(f"priors.{prior}.features=embedding needs source=checkpoint (the vit source: cls | tokens)")
+    from distseg.distill.stage import check_source
+
+    check_source(params)
     manifest = read_manifest(data_uri)
     if prior not in manifest.get("priors", []):
         raise ValueError(f"{data_uri}: the shards hold {manifest.get('priors')}, not {prior!r} (mine it first)")

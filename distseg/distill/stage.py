@@ -44,6 +44,22 @@ def synthetic_images(cfg: Config) -> str:
     return str(folder)
 
 
+def check_source(params) -> None:
+    """Fail before Ray starts when the affinity source's file is missing (the actors would fail later)."""
+    if params.source == "vit" and not (
+        params.weights and "://" not in params.weights and Path(params.weights).is_file()
+    ):
+        where = f"{params.weights} does not exist" if params.weights else "is not set"
+        raise FileNotFoundError(
+            f"priors.vit_masks.weights {where}: the vit source needs a local weights file for {params.model!r} "
+            "(e.g. DINO's ViT-S/16); nothing is downloaded. Or use priors.vit_masks.source=checkpoint."
+        )
+    if params.source == "checkpoint" and params.checkpoint and not (Path(params.checkpoint) / "model.pt").is_file():
+        raise FileNotFoundError(
+            f"priors.vit_masks.checkpoint: {params.checkpoint} has no model.pt (a distseg checkpoint)"
+        )
+
+
 def distill_masks(cfg: Config, data: str, input_uri: str | None = None, output: str | None = None) -> DistillSummary:
     """Mask proposals into `data` (shards), then their clustering into `output` (default data_k<K>)."""
     from distseg.mining import mine
@@ -52,6 +68,7 @@ def distill_masks(cfg: Config, data: str, input_uri: str | None = None, output: 
     params = cfg.priors.vit_masks
     if "vit_masks" not in cfg.mine.priors:
         cfg.mine.priors = [*cfg.mine.priors, "vit_masks"]
+    check_source(params)
     synthetic = input_uri is None  # the built-in scenes: their instances are known, so the masks get an AP
     if input_uri is None:
         if cfg.data.source != "synthetic":
