@@ -3,10 +3,12 @@
     mine.priors: [vit_masks]
     priors.vit_masks: {source: checkpoint, checkpoint: outputs/.../checkpoints/vit, top_k: 0.4, ...}
 
-Built once per mining actor (the network loads once); maps an RGB image to up to `max_masks` object
-masks (distseg.distill.masks) stored in the shard's `masks` column as COCO RLE with a score and
-label 1 (class-agnostic until `distseg distill cluster` writes each mask's pseudo class into a new
-shard version). A mask's box is its RLE's bounding box (`pycocotools.mask.toBbox`), not a column.
+Registered as `vit_masks` at the end of distseg.grouping.priors (so this module imports no prior
+module and the import graph keeps no cycle). Built once per mining actor (the network loads once);
+maps an RGB image to up to `max_masks` object masks (distseg.distill.masks) stored in the shard's
+`masks` column as COCO RLE with a score and label 1 (class-agnostic until `distseg distill cluster`
+writes each mask's pseudo class into a new shard version). A mask's box is its RLE's bounding box
+(`pycocotools.mask.toBbox`), not a column.
 The same section holds the clustering settings (`clusters`, `features`, ...), since the clustering
 reads its features from the same affinity source.
 """
@@ -19,7 +21,6 @@ import numpy as np
 from pydantic import Field
 
 from distseg.core.section import Section
-from distseg.grouping.priors import register_prior
 from distseg.grouping.types import Mask, PriorOutput
 
 if TYPE_CHECKING:
@@ -68,7 +69,6 @@ def build_source(params: VitMasksParams):
     )
 
 
-@register_prior("vit_masks", yields="masks", params=VitMasksParams)
 class VitMasksPrior:
     """Image -> MaskDistill object mask candidates (score: share of [CLS] attention, label 1)."""
 

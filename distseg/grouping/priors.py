@@ -171,4 +171,6 @@ class SaliencyPrior:
         return PriorOutput(masks=[Mask(mask=foreground, score=float(saliency[foreground].mean() / 255.0), label=1)])
 
 
-import distseg.distill.prior  # noqa: E402, F401  registers vit_masks (MaskDistill); torch loads only when built
+from distseg.distill.prior import VitMasksParams, VitMasksPrior  # noqa: E402  MaskDistill; torch loads when built
+
+register_prior("vit_masks", yields="masks", params=VitMasksParams)(VitMasksPrior)
