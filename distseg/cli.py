@@ -210,6 +210,54 @@ def evaluate(
     typer.echo(f"wrote {out}/metrics.json")
 
 
+distill_app = typer.Typer(
+    help="MaskDistill: object masks from ViT affinities, clustered into pseudo classes.", no_args_is_help=True
+)
+app.add_typer(distill_app, name="distill")
+
+
+@distill_app.command("masks")
+def distill_masks(
+    data: str = typer.Option(..., "--data", "-d", help="where the mask shards go (mine output; resumable)"),
+    input: str | None = typer.Option(None, "--input", "-i", help="images (default: synthetic, if data.source is)"),
+    out: str | None = typer.Option(None, "--out", help="the clustered shard version (default: DATA_k<K>)"),
+    config: str = typer.Option("maskdistill_demo", "--config", "-c", help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (see priors.vit_masks.*)"),
+) -> None:
+    """Mine vit_masks (pretraining a ViT first when no weights or checkpoint are given), then cluster them."""
+    from distseg.distill.stage import distill_masks as run
+
+    try:
+        s = run(resolve(config, overrides), data, input, out)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    c = s.cluster
+    typer.echo(f"mined {s.mined} images ({s.errors} errors) in {s.mine_seconds:.1f} s -> {s.masks}")
+    typer.echo(f"{c.masks} masks, {c.masks / max(1, c.images):.2f} per image; k-means K={c.clusters}: sizes {c.sizes}")
+    for name, ap in (s.mask_ap or {}).items():
+        typer.echo(f"class-agnostic mask AP of {name}: AP {ap['AP']:.3f}  AP50 {ap['AP50']:.3f}  AP75 {ap['AP75']:.3f}")
+    typer.echo(f"clustered shards: {c.output}  (MLflow run {c.run_id})")
+
+
+@distill_app.command("cluster")
+def distill_cluster(
+    data: str = typer.Option(..., "--data", "-d", help="shards holding vit_masks (a `distseg mine` output)"),
+    out: str | None = typer.Option(None, "--out", help="the clustered shard version (default: DATA_k<K>)"),
+    config: str = typer.Option("maskdistill_demo", "--config", "-c", help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (see priors.vit_masks.*)"),
+) -> None:
+    """k-means over the masked images' features across the dataset; pseudo classes into a new version."""
+    from distseg.distill.cluster import cluster_masks
+
+    try:
+        c = cluster_masks(resolve(config, overrides), data, out)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    typer.echo(f"{c.masks} masks of {c.images} images, K={c.clusters}: sizes {c.sizes} -> {c.output}")
+
+
 edges_app = typer.Typer(
     help="The grouping primitive: train and evaluate edge detectors (BSDS500).", no_args_is_help=True
 )

@@ -169,3 +169,8 @@ class SaliencyPrior:
         if foreground.sum() < p.min_area * area:
             return PriorOutput(masks=[])
         return PriorOutput(masks=[Mask(mask=foreground, score=float(saliency[foreground].mean() / 255.0), label=1)])
+
+
+from distseg.distill.prior import VitMasksParams, VitMasksPrior  # noqa: E402  MaskDistill; torch loads when built
+
+register_prior("vit_masks", yields="masks", params=VitMasksParams)(VitMasksPrior)

@@ -115,6 +115,7 @@ def mine(
                 batch_size=per_call,
                 compute=ray.data.ActorPoolStrategy(size=num_actors),
                 num_cpus=1,
+                num_gpus=max(getattr(getattr(cfg.priors, p, None), "num_gpus", 0) for p in cfg.mine.priors),
                 batch_format="numpy",
                 # bounded fault tolerance (Ray Data's default is -1: a worker that segfaults restarts forever)
                 max_restarts=max_restarts,

@@ -10,7 +10,9 @@ from distseg.core.section import Section
 class ModelConfig(Section):
     """The hypercolumn embedding network (Zhang & Maire): backbone Res3 + Res4 -> D-dim unit vectors."""
 
-    backbone: str = Field("resnet18", description="resnet18 | resnet34 | resnet50 | resnet101 | timm:<model name>")
+    backbone: str = Field(
+        "resnet18", description="resnet18 | resnet34 | resnet50 | resnet101 | vit_tiny | vit_small | timm:<model name>"
+    )
     embed_dim: int = Field(32, ge=2, description="embedding dimension D")
     head_channels: int = Field(256, ge=8, description="channels of each Res3/Res4 projection")
     weights: str | None = Field(None, description="backbone init: a local state-dict file (default: random init)")

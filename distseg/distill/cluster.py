@@ -1,0 +1,274 @@
+"""`distseg distill cluster`: MaskDistill's pseudo classes. k-means (faiss) over one feature per
+mined mask, across the whole dataset, written as each mask's label into a NEW shard version.
+
+    shards (mine, priors.vit_masks) -> Ray Data actor pool: decode image + masks, the affinity
+    source embeds each masked image (output [CLS] token, Sec. 3.2; or the pooled patch tokens, or a
+    distseg checkpoint's embedding) -> driver: faiss k-means, K = priors.vit_masks.clusters
+    -> <output>/shards/<same file names> with masks[].label = cluster id + 1 (0 stays "no class"),
+       <output>/centroids.npy, <output>/_manifest.json (version = parent's + 1, `parent` recorded)
+
+The parent's shards are never rewritten: the output folder must not exist yet (each shard is
+written to a temporary name and renamed, as mining does). Features are L2-normalised before
+k-means (spherical k-means, as for [CLS] tokens usually); empty rows (no masks) pass through.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from distseg.config import Config
+from distseg.mining.listing import ERRORS, SHARDS, resolve_uri
+from distseg.mining.manifest import MANIFEST
+
+CHUNK = 4  # shard rows per actor call
+
+FEATURE_SCHEMA = pa.schema([("image_id", pa.string()), ("mask_index", pa.int32()), ("feature", pa.list_(pa.float32()))])
+
+
+@dataclass
+class ClusterSummary:
+    output: str
+    images: int
+    masks: int
+    clusters: int
+    seconds: float
+    inertia: float
+    sizes: list[int] = field(default_factory=list)
+    run_id: str | None = None
+
+
+def read_manifest(data_uri: str) -> dict:
+    fs, root = resolve_uri(data_uri)
+    path = f"{root}/{MANIFEST}"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise FileNotFoundError(f"{data_uri}: no {MANIFEST} (not a finished `distseg mine` output)")
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())
+
+
+class MaskFeatures:
+    """Ray Data actor: chunks {path, start, count} of shard rows -> one row per mask (image_id,
+    mask_index, feature). It reads the shard itself (the last file stays cached), so no read task
+    competes with the pool for CPUs."""
+
+    def __init__(self, cfg: dict, prior: str, source=None):
+        import torch
+
+        from distseg.config import build_config
+        from distseg.distill.prior import build_source
+
+        torch.set_num_threads(1)
+        self.cfg = build_config(cfg)
+        self.prior = prior
+        self.params = getattr(self.cfg.priors, prior)
+        self.source = source if source is not None else build_source(self.params)
+        self._cached: tuple[str, pa.Table] | None = None
+
+    def rows(self, path: str, start: int, count: int) -> list[dict]:
+        if self._cached is None or self._cached[0] != path:
+            fs, local = resolve_uri(path)
+            columns = ["image_id", "height", "width", "image", self.prior]
+            self._cached = (path, pq.read_table(local, filesystem=fs, columns=columns))
+        return self._cached[1].slice(start, count).to_pylist()
+
+    def __call__(self, batch: dict) -> pa.Table:
+        from distseg.shards import decode_image, decode_masks
+
+        out = {"image_id": [], "mask_index": [], "feature": []}
+        for path, start, count in zip(batch["path"], batch["start"], batch["count"]):
+            for row in self.rows(str(path), int(start), int(count)):
+                cell = row.get(self.prior) or {}
+                masks = decode_masks(cell.get("masks"), int(row["height"]), int(row["width"]))
+                if not masks:
+                    continue
+                image = decode_image(row["image"])
+                feats = self.source.pooled(image, [m.mask for m in masks], self.params.features)
+                for i, f in enumerate(feats):
+                    out["image_id"].append(row["image_id"])
+                    out["mask_index"].append(i)
+                    out["feature"].append(f.astype(np.float32).tolist())
+        return pa.Table.from_pydict(out, schema=FEATURE_SCHEMA)
+
+
+def kmeans(features: np.ndarray, k: int, iters: int, redo: int, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """faiss spherical k-means -> (assignments, centroids, objective)."""
+    import faiss
+
+    x = np.array(features, np.float32, copy=True, order="C")  # normalised in place: never the caller's array
+    x /= np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+    if len(x) < k:
+        raise ValueError(f"priors.vit_masks.clusters={k} exceeds the {len(x)} masks to cluster; lower it")
+    km = faiss.Kmeans(x.shape[1], k, niter=iters, nredo=redo, seed=seed, spherical=True, verbose=False)
+    km.train(x)
+    _, assign = km.index.search(x, 1)
+    return assign[:, 0].astype(np.int64), km.centroids.copy(), float(km.obj[-1])
+
+
+def relabel_table(table: pa.Table, prior: str, labels: dict[tuple[str, int], int]) -> pa.Table:
+    """The same table with masks[i].label of `prior` replaced by labels[(image_id, i)]."""
+    index = table.schema.get_field_index(prior)
+    cells = table.column(prior).to_pylist()
+    for image_id, cell in zip(table.column("image_id").to_pylist(), cells):
+        for i, m in enumerate((cell or {}).get("masks") or []):
+            m["label"] = labels[(image_id, i)]
+    column = pa.array(cells, type=table.schema.field(prior).type)
+    return table.set_column(index, table.schema.field(prior), column).replace_schema_metadata(table.schema.metadata)
+
+
+def cluster_masks(
+    cfg: Config, data_uri: str, output_uri: str | None = None, prior: str = "vit_masks", track: bool = True
+) -> ClusterSummary:
+    """Cluster every mask of `prior` in the shards at data_uri; write the labelled version to output_uri
+    (default: `<data_uri>_k<K>`). Returns the counts; logs an MLflow run (tag stage=distill.cluster)."""
+    import ray
+
+    from distseg.cluster import init_ray
+
+    t0 = time.perf_counter()
+    params = getattr(cfg.priors, prior, None)
+    if params is None or not hasattr(params, "clusters"):
+        raise ValueError(f"{prior!r} has no clustering settings (priors.{prior}.clusters); use vit_masks")
+    if params.features == "embedding" and params.source != "checkpoint":
+        raise ValueError(f"priors.{prior}.features=embedding needs source=checkpoint (the vit source: cls | tokens)")
+    from distseg.distill.stage import check_source
+
+    check_source(params)
+    manifest = read_manifest(data_uri)
+    if prior not in manifest.get("priors", []):
+        raise ValueError(f"{data_uri}: the shards hold {manifest.get('priors')}, not {prior!r} (mine it first)")
+    fs, root = resolve_uri(data_uri)
+    output_uri = output_uri or f"{data_uri.rstrip('/')}_k{params.clusters}"
+    out_fs, out_root = resolve_uri(output_uri)
+    if out_fs.get_file_info(out_root).type != pafs.FileType.NotFound:
+        raise FileExistsError(f"{output_uri} exists: a clustered version is written once (pick another --out)")
+    paths = [f"{root}/{s['path']}" for s in manifest["shards"]]
+    if not paths:
+        raise ValueError(f"{data_uri}: the manifest lists no shards")
+
+    init_ray(cfg.ray)
+    num_actors = cfg.mine.num_actors or max(1, int(ray.available_resources().get("CPU", 1)))  # as mining sizes it
+    base = data_uri.rstrip("/") if "://" in data_uri else str(Path(data_uri).resolve())  # actors run elsewhere
+    chunks = [
+        {"path": f"{base}/{entry['path']}", "start": start, "count": CHUNK}
+        for entry in manifest["shards"]
+        for start in range(0, int(entry["rows"]), CHUNK)
+    ]
+    ds = ray.data.from_items(chunks, override_num_blocks=max(1, len(chunks)))
+    feats = ds.map_batches(
+        MaskFeatures,
+        fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "prior": prior},
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        num_cpus=1,
+        num_gpus=params.num_gpus,
+    ).to_arrow_refs()
+    table = pa.concat_tables([t for t in ray.get(feats) if t.num_rows] or [FEATURE_SCHEMA.empty_table()])
+    if table.num_rows == 0:
+        raise ValueError(f"{data_uri}: no {prior} masks to cluster")
+    features = np.stack([np.asarray(f, np.float32) for f in table.column("feature").to_pylist()])
+    assign, centroids, inertia = kmeans(features, params.clusters, params.kmeans_iters, params.kmeans_redo, cfg.seed)
+    ids, idx = table.column("image_id").to_pylist(), table.column("mask_index").to_pylist()
+    labels = {(i, m): int(c) + 1 for i, m, c in zip(ids, idx, assign)}
+
+    shards = []
+    out_fs.create_dir(f"{out_root}/{SHARDS}", recursive=True)
+    for entry, path in zip(manifest["shards"], paths):
+        name = entry["path"].rsplit("/", 1)[-1]
+        relabelled = relabel_table(pq.read_table(path, filesystem=fs), prior, labels)
+        tmp, final = f"{out_root}/{SHARDS}/.{name}.tmp", f"{out_root}/{SHARDS}/{name}"
+        pq.write_table(relabelled, tmp, filesystem=out_fs, compression="zstd")
+        out_fs.move(tmp, final)
+        shards.append(
+            {"path": f"{SHARDS}/{name}", "rows": relabelled.num_rows, "bytes": out_fs.get_file_info(final).size}
+        )
+    if fs.get_file_info(f"{root}/{ERRORS}").type == pafs.FileType.Directory:
+        out_fs.create_dir(f"{out_root}/{ERRORS}", recursive=True)
+        pafs.copy_files(f"{root}/{ERRORS}", f"{out_root}/{ERRORS}", source_filesystem=fs, destination_filesystem=out_fs)
+    with out_fs.open_output_stream(f"{out_root}/centroids.npy") as f:
+        np.save(f, centroids)
+    sizes = np.bincount(assign, minlength=params.clusters).tolist()
+    new_manifest = {
+        **manifest,
+        "version": int(manifest.get("version", 1)) + 1,
+        "parent": {
+            "path": data_uri,
+            "version": int(manifest.get("version", 1)),
+            "config_hash": manifest.get("config_hash"),
+        },
+        "stage": "distill.cluster",
+        "cluster": {
+            "prior": prior,
+            "clusters": params.clusters,
+            "features": params.features,
+            "source": params.source,
+            "masks": len(assign),
+            "sizes": sizes,
+            "inertia": inertia,
+            "labels": "masks[].label = cluster id + 1",
+        },
+        "shards": shards,
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    with out_fs.open_output_stream(f"{out_root}/{MANIFEST}") as f:
+        f.write(json.dumps(new_manifest, indent=2).encode())
+    summary = ClusterSummary(
+        output=output_uri,
+        images=len(set(ids)),
+        masks=len(assign),
+        clusters=params.clusters,
+        seconds=time.perf_counter() - t0,
+        inertia=inertia,
+        sizes=sizes,
+    )
+    if track:
+        summary.run_id = _log_run(cfg, summary, new_manifest, paths, fs, prior)
+    return summary
+
+
+def _log_run(cfg: Config, summary: ClusterSummary, manifest: dict, paths, fs, prior: str) -> str:
+    """MLflow: counts, the manifest, and a picture of the first images' masks coloured by cluster."""
+    from distseg.tracking import start_run
+
+    tags = {"stage": "distill.cluster", "output": summary.output, "prior": prior}
+    with start_run(cfg, run_name=f"{cfg.name}-distill-cluster", tags=tags) as tracker:
+        tracker.log_metrics(
+            {
+                "images": summary.images,
+                "masks": summary.masks,
+                "masks_per_image": summary.masks / max(1, summary.images),
+                "seconds": summary.seconds,
+                "inertia": summary.inertia,
+            }  # fmt: skip
+        )
+        tracker.log_dict(manifest, MANIFEST)
+        out_fs, out_root = resolve_uri(summary.output)
+        first = pq.read_table(f"{out_root}/{manifest['shards'][0]['path']}", filesystem=out_fs).slice(0, 8)
+        tracker.log_image(mask_sheet(first, prior), "masks_by_cluster.png")
+        return tracker.run_id
+
+
+def mask_sheet(table: pa.Table, prior: str) -> np.ndarray:
+    """Each image beside its masks painted in their label's colour (later masks on top)."""
+    from distseg.shards import decode_record
+    from distseg.viz import contact_sheet, palette
+
+    pictures = []
+    for row in table.to_pylist():
+        record = decode_record(row, [prior])
+        out = record.priors.get(prior)
+        labels = np.zeros(record.image.shape[:2], np.int64)
+        for m in out.masks if out else []:
+            labels[m.mask] = m.label
+        colours = palette(max(2, int(labels.max()) + 1))[labels]
+        blend = np.where(labels[..., None] > 0, (0.45 * record.image + 0.55 * colours).astype(np.uint8), record.image)
+        pictures += [record.image, blend]
+    return contact_sheet(pictures, columns=4)
