@@ -212,7 +212,8 @@ def test_sigkill_of_the_sweep_driver_then_resume_finishes_every_trial_once(tmp_p
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1].startswith("best probe_score=")
     summary = json.loads((tmp_path / "tune" / "tune_space" / "summary.json").read_text())
-    assert len(summary["trial"]) == 4 and "FAILED" not in summary["status"]
+    errors = [p.read_text()[-1500:] for p in (tmp_path / "ray_results" / "tune_space").glob("*/error.txt")]
+    assert len(summary["trial"]) == 4 and "FAILED" not in summary["status"], errors
     client = MlflowClient(tracking_uri(tmp_path))
     children = client.search_runs(
         [client.get_experiment_by_name("distseg-demo").experiment_id], filter_string="tags.stage = 'tune_trial'"
