@@ -66,7 +66,13 @@ def demo(
 
 @app.command()
 def mine(
-    input: str = typer.Option(..., "--input", "-i", help="images: a folder (recursive), a glob, or s3:// / gs:// URI"),
+    input: str = typer.Option(
+        ...,
+        "--input",
+        "-i",
+        help="images: a folder (recursive), a glob, an s3:// / gs:// URI, or a data source "
+        "(labeled:PATH, voc:PATH, coco:PATH, msrc: the images of its data.split)",
+    ),
     output: str = typer.Option(
         ..., "--output", "-o", help="where shards/, errors/ and _manifest.json go (local or s3:// / gs://)"
     ),
@@ -158,7 +164,9 @@ def evaluate(
         None, "--checkpoint", help="checkpoint folder from `distseg pretrain` (model.pt, config.yaml)"
     ),
     data: str | None = typer.Option(
-        None, "--data", help="msrc | davis | synthetic | folder:PATH (default: the config's evaluate.data)"
+        None,
+        "--data",
+        help="msrc | davis | synthetic | labeled:PATH | voc:PATH | coco:PATH (default: the config's evaluate.data)",
     ),
     protocols: str | None = typer.Option(
         None,
@@ -322,6 +330,35 @@ def edges_eval(
         f"hierarchy {metrics['hierarchy_seconds_per_image']:.3f}; wrote {out}/"
     )
     typer.echo(f"ODS={u['ods_f']:.3f} OIS={u['ois_f']:.3f} AP={u['ap']:.3f}")
+
+
+data_app = typer.Typer(
+    help="Your own data: check a dataset (labeled:PATH, voc:PATH, coco:PATH, folder:PATH, msrc) before using it.",
+    no_args_is_help=True,
+)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+def data_check(
+    source: str = typer.Argument(..., help="labeled:PATH | voc:PATH | coco:PATH | folder:PATH | msrc | davis"),
+    split: str = typer.Option("all", help="the split to check (all: every image)"),
+    limit: int | None = typer.Option(None, help="only the first N images of the split"),
+    out: Path | None = typer.Option(
+        None, "--out", help="the overlay picture (default: outputs/data-check/<source>.png)"
+    ),
+    examples: int = typer.Option(6, help="images in the overlay picture"),
+) -> None:
+    """Check that every image decodes and every label fits (shape, class ids, splits): a summary, an
+    overlay picture, and exit 1 listing each bad file and why. Modifies nothing."""
+    from distseg.data.check import check_source, default_picture, print_report
+
+    report = check_source(
+        source, split=split, limit=limit, out=out or default_picture(source), examples=examples, progress=True
+    )
+    print_report(report, Console(soft_wrap=False))
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 def main() -> None:

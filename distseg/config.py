@@ -37,7 +37,7 @@ class ConfigError(ValueError):
 class DataConfig(Section):
     source: str = Field(
         "synthetic",
-        description="synthetic | bsds | msrc | davis | folder:PATH (an image folder, recursive)",
+        description="synthetic | bsds | msrc | davis | folder:PATH | labeled:PATH | voc:PATH | coco:PATH",
     )
     root: str | None = Field(None, description="dataset root; default: $DISTSEG_DATA_ROOT or ../shared/data/<name>")
     split: str = Field("train", description="dataset split (train, val, test, all; per dataset)")
@@ -160,7 +160,7 @@ class EvaluateConfig(Section):
     """`distseg evaluate`: protocols on frozen embeddings of a checkpoint and of baselines."""
 
     data: str = Field(
-        "synthetic", description="msrc | davis | synthetic | folder:PATH (labels needed except for davis)"
+        "synthetic", description="msrc | davis | synthetic | labeled:PATH | voc:PATH | coco:PATH (labels needed)"
     )
     root: str | None = Field(None, description="dataset root (default: $DISTSEG_DATA_ROOT or ../shared/data/<name>)")
     protocols: list[str] = Field(

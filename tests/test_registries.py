@@ -185,7 +185,11 @@ def test_dataset_registration_says_where_its_files_are(name, tmp_path, monkeypat
         assert len(open_dataset(name, num_images=1, image_size=32, seed=0)) == 1
     else:
         cv2.imwrite(str(tmp_path / "one.png"), np.zeros((8, 8, 3), np.uint8))
-        assert len(open_dataset(f"{name}:{tmp_path}")) == 1
+        if meta.get("splits"):  # a labelled layout (labeled, voc, coco): a bare image folder is none, and says so
+            with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+                open_dataset(f"{name}:{tmp_path}")
+        else:
+            assert len(open_dataset(f"{name}:{tmp_path}")) == 1
         with pytest.raises(ValueError, match=f"{name}:PATH"):
             open_dataset(name)
 

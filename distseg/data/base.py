@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from distseg.core.registry import Registry
+
+
+class DataProblem(NamedTuple):
+    """A file that cannot be used as it is, and why (what `distseg data check` lists)."""
+
+    path: str
+    reason: str
+
+
+def hash_split(image_id: str) -> str:
+    """'val' or 'train' from the id alone: ``int(md5(id).hexdigest(), 16) % 4 == 0`` -> 'val' (about a quarter).
+
+    The split rule of every reader whose data has no split files (MSRC-v2, a labelled folder without
+    splits/): it does not change with file order, machine or a subset of the files being present."""
+    return "val" if int(hashlib.md5(image_id.encode("utf-8")).hexdigest(), 16) % 4 == 0 else "train"
 
 
 @dataclass
@@ -53,7 +69,8 @@ DatasetFactory = Callable[..., Dataset]
 # name -> reader class. Metadata (what open_dataset reads, so it keeps no per-reader lists):
 #   default_dir: the reader's folder under the data root ("msrc_v2"); opened as reader(root=..., split=...)
 #   builtin:     no files; opened as reader(split=...), `root` ignored
-#   path_arg:    the source names its own path, "name:PATH"; opened as reader(root=PATH); no splits
+#   path_arg:    the source names its own path, "name:PATH"; opened as reader(root=PATH)
+#   splits:      with path_arg: the path holds splits too; opened as reader(root=PATH, split=...)
 #   takes:       option names only this reader uses (others drop them, as the config always carries them)
 DATASETS: Registry[DatasetFactory] = Registry("data source")
 
@@ -64,12 +81,17 @@ def register_dataset(
     default_dir: str | None = None,
     builtin: bool = False,
     path_arg: bool = False,
+    splits: bool = False,
     takes: tuple[str, ...] = (),
 ) -> Callable[[DatasetFactory], DatasetFactory]:
     """Class decorator: the reader `name`, with where open_dataset finds its files (see DATASETS)."""
     if sum((default_dir is not None, builtin, path_arg)) > 1:
         raise ValueError(f"data source {name!r}: give at most one of default_dir, builtin, path_arg")
-    return DATASETS.register(name, default_dir=default_dir, builtin=builtin, path_arg=path_arg, takes=tuple(takes))
+    if splits and not path_arg:
+        raise ValueError(f"data source {name!r}: splits=True is for path sources (path_arg=True)")
+    return DATASETS.register(
+        name, default_dir=default_dir, builtin=builtin, path_arg=path_arg, splits=splits, takes=tuple(takes)
+    )
 
 
 def default_data_root() -> Path:

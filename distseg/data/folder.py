@@ -76,6 +76,10 @@ class ImageFolder(Dataset):
     def ids(self) -> list[str]:
         return list(self._paths)
 
+    def image_files(self) -> dict[str, str]:
+        """id -> image file (what `distseg mine --input folder:PATH` mines)."""
+        return {image_id: str(path) for image_id, path in self._paths.items()}
+
     def __getitem__(self, image_id: str) -> Sample:
         try:
             path = self._paths[image_id]

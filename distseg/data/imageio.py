@@ -114,14 +114,23 @@ def read_image(path: str | Path) -> np.ndarray:
     return decode_image(path.read_bytes(), str(path))
 
 
-def read_label_png(path: str | Path) -> np.ndarray:
-    """A single-channel label image's raw values: palette indices for 'P', 0..255 for 'L', uint16 for 16-bit."""
+def open_image(path: str | Path) -> Image.Image:
+    """An image file opened and fully decoded, as Pillow has it (mode untouched; ImageDecodeError if bad)."""
     path = Path(path)
-    img = _open(path.read_bytes(), str(path))
+    return _open(path.read_bytes(), str(path))
+
+
+def label_values(img: Image.Image, name: str) -> np.ndarray:
+    """A decoded single-channel label image's raw values (see read_label_png); `name` is for messages."""
     if img.mode in ("P", "L", "1"):
         return np.array(img, dtype=np.uint8)
     if img.mode.startswith("I;16"):
         return np.array(img).astype(np.uint16)
     if img.mode == "I":
         return np.array(img, dtype=np.int32)
-    raise ImageDecodeError(str(path), f"a label map must have one channel, got mode {img.mode!r}")
+    raise ImageDecodeError(name, f"a label map must have one channel, got mode {img.mode!r}")
+
+
+def read_label_png(path: str | Path) -> np.ndarray:
+    """A single-channel label image's raw values: palette indices for 'P', 0..255 for 'L', uint16 for 16-bit."""
+    return label_values(open_image(path), str(path))

@@ -64,6 +64,7 @@ def mine(
     import ray
 
     from distseg.cluster import init_ray
+    from distseg.data import is_source, source_image_files
 
     if not cfg.mine.priors:
         raise ValueError("mine.priors is empty: name at least one prior (ucm, felzenszwalb, slic, saliency)")
@@ -79,12 +80,13 @@ def mine(
     t0 = time.perf_counter()
     if "://" not in output_uri:
         output_uri = str(Path(output_uri).resolve())
-    if "://" not in input_uri:
+    source = is_source(input_uri)  # a data source (voc:PATH, labeled:PATH, msrc ...): the images of its data.split
+    if "://" not in input_uri and not source:
         input_uri = str(Path(input_uri).resolve()) if not any(c in input_uri for c in "*?[") else input_uri
     cfg = cfg.model_copy(deep=True)
     if cfg.edges.weights and "://" not in cfg.edges.weights:
         cfg.edges.weights = str(Path(cfg.edges.weights).resolve())
-    inputs = list_images(input_uri, cfg.mine.extensions)
+    inputs = source_image_files(input_uri, cfg.data.split) if source else list_images(input_uri, cfg.mine.extensions)
     if not inputs:
         raise FileNotFoundError(f"no images ({', '.join(cfg.mine.extensions)}) under {input_uri}")
     done = done_ids(output_uri, include_errors=not cfg.mine.retry_errors)
