@@ -318,9 +318,10 @@ def sweep(
                     metric=metric,
                     mode=space.mode,
                     num_samples=space.num_samples,
-                    search_alg=BasicVariantGenerator(random_state=cfg.seed),  # the same seed, the same trials
+                    # the same seed, the same trials; at most `concurrency` at once (Tune ignores
+                    # max_concurrent_trials next to a search-algorithm instance)
+                    search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrency),
                     scheduler=scheduler,
-                    max_concurrent_trials=concurrency,
                 ),
                 run_config=tune.RunConfig(
                     name=sweep_name, storage_path=str(workdir / "ray_results"), callbacks=callbacks, verbose=0
