@@ -43,6 +43,9 @@ def artifact_root(workdir: str | Path) -> str:
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    from distseg.cluster import quiet_logs
+
+    quiet_logs()  # after mlflow's import, which sets its own loggers to INFO
     return MlflowClient(tracking_uri=uri)
 
 
@@ -107,9 +110,6 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def get_or_create_experiment(uri: str, name: str, workdir: str | Path) -> str:
-    from distseg.cluster import quiet_logs
-
-    quiet_logs()
     client = _client(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
