@@ -174,3 +174,52 @@ def test_a_position_only_embedding_scores_no_better_than_chance():
     print(f"chance {chance:.4f}, position code {position:.4f}, region code {oracle:.4f}")
     assert position >= chance - 0.01, (position, chance)
     assert oracle < chance - 0.1, (oracle, chance)
+
+
+def test_cross_image_negatives_are_uniform_over_the_other_images_valid_pixels():
+    """The batched draw (distseg.methods.hiergroup._cross_image) steps over the block of rows that share
+    the anchor image's id: never a copy of the same image, and every other valid row equally likely."""
+    from distseg.methods.hiergroup import _cross_image
+
+    B, hw = 4, 6
+    valid = torch.ones(2 * B, hw, dtype=torch.bool)
+    valid[1, :3] = False  # view 1 of image 1: half its pixels ignored
+    valid[B + 3] = False  # view 2 of image 3: no valid pixel
+    ids = torch.tensor([9, 2, 9, 5])  # images 0 and 2 are copies of one image
+    torch.manual_seed(0)
+    rows, ok = _cross_image(valid, ids, (B, 1, 20000), hw)
+    assert ok.all()
+    table_valid = valid.reshape(-1)
+    for b in range(B):
+        drawn = rows[b].reshape(-1)
+        assert table_valid[drawn].all()  # only valid rows
+        drawn_ids = ids[(drawn // hw) % B]
+        assert (drawn_ids != ids[b]).all()  # never the image itself or its copy
+        allowed = [r for r in range(2 * B * hw) if table_valid[r] and ids[(r // hw) % B] != ids[b]]
+        freq = torch.bincount(drawn, minlength=2 * B * hw)[allowed].float() / len(drawn)
+        assert len(set(drawn.tolist())) == len(allowed)
+        assert (freq - 1 / len(allowed)).abs().max() < 0.25 / len(allowed), freq  # uniform within 25 %
+    # a batch of one image (or of copies only) has no cross-image negative
+    _, none_ok = _cross_image(valid[:2], torch.tensor([3]), (1, 2, 5), hw)
+    assert not none_ok.any()
+
+
+def test_a_batch_of_unequal_images_gives_a_finite_loss_and_gradient():
+    """Images with 2 and 9 regions, one image entirely ignored, one whose view 2 has no labelled pixel
+    (no twins there): all in one batched step, the loss and its gradient stay finite."""
+    torch.manual_seed(0)
+    B, h, w = 3, 12, 12
+    seg = torch.zeros(B, h, w, dtype=torch.long)
+    seg[0, :, 6:] = 1
+    seg[2] = torch.arange(h * w).reshape(h, w) % 9
+    seg[1] = -1
+    seg2 = seg.clone()
+    seg2[2] = -1
+    ys, xs = torch.meshgrid(torch.arange(h * 1.0), torch.arange(w * 1.0), indexing="ij")
+    coord = torch.stack([ys, xs])[None].expand(B, -1, -1, -1)
+    emb1 = torch.randn(B, 8, h, w, requires_grad=True)
+    out = HierGroupLoss()(F.normalize(emb1, dim=1), F.normalize(emb1, dim=1), seg, seg2, coord1=coord, coord2=coord)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and torch.isfinite(emb1.grad).all() and emb1.grad.abs().sum() > 0
+    assert emb1.grad[1].abs().sum() == 0  # the ignored image takes no part
+    assert 0 < out["twin_share"].item() < 1  # image 2's draws have no twin, image 0's do
