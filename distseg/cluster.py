@@ -23,6 +23,10 @@ def quiet_logs() -> None:
     if not verbose():
         for name in ("ray.data", "ray.train", "ray.tune", "mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # advice about Ray's own switches, not about the run: that Ray Data's progress bars are off (the
+        # stages print their own) and that a local cluster turned token auth on (the safe default)
+        for name in ("ray.data._internal.progress", "ray._private.authentication.authentication_token_setup"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def init_ray(cfg: RayConfig | None = None, **kwargs) -> None:

@@ -92,6 +92,30 @@ def test_make_pairs_saliency_mask_is_foreground_and_rows_without_mask_are_skippe
     assert 0.15 < batch["seg1"].mean() < 0.35  # one quadrant is foreground
 
 
+def test_views_depend_on_the_seed_pass_and_image_only():
+    """Reproducible ingest: a row's two views are a function of (run seed, pass, image id), not of the
+    task, the batch it shares or the process's RNG state."""
+    image, seg = quadrant_image()
+    dist = np.array([[0, 0.2, 0.6, 0.6], [0.2, 0, 0.6, 0.6], [0.6, 0.6, 0, 0.4], [0.6, 0.6, 0.4, 0]], np.float32)
+    prior = {"ucm": PriorOutput(regions=seg.astype(np.uint8), region_dist=dist)}
+    a, b = (GroupingRecord(i, f"{i}.png", image, prior) for i in ("a", "b"))
+    cfg = PretrainConfig(prior="ucm", crop=32, max_regions=8).model_dump(mode="json")
+
+    def views(records, seed=0, pass_index=0):
+        table = _table(records, ["ucm"])
+        table = table.append_column("pass", pa.array([pass_index] * table.num_rows, pa.int32()))
+        return MakePairs(cfg, seed)(table)
+
+    both = views([a, b])
+    torch.manual_seed(123)  # the process's RNG state does not matter
+    alone = views([b])
+    for key in ("view1", "view2", "coord1", "coord2", "seg1"):
+        np.testing.assert_array_equal(both[key][1], alone[key][0])
+    assert not np.array_equal(both["coord1"][0], both["coord1"][1])  # two images, two draws
+    assert not np.array_equal(views([b], pass_index=1)["coord1"][0], alone["coord1"][0])  # next pass: new views
+    assert not np.array_equal(views([b], seed=1)["coord1"][0], alone["coord1"][0])  # another seed: new views
+
+
 def test_repeats_come_back_only_after_every_other_image(tmp_path):
     """build_dataset on a real local Ray: with 3 views per image from 2 shard files of 6 images, an
     image's next view comes at least a whole shard file later (the files of a pass may arrive in any

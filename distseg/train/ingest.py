@@ -102,11 +102,22 @@ class PairedViews:
         return tuple(out)
 
 
-class MakePairs:
-    """Ray Data `map_batches` callable: shard rows (pyarrow) -> a numpy batch of paired views."""
+def row_seed(seed: int, pass_index: int, image_id: str) -> int:
+    """The seed of one image's two views in one pass over the shards: a function of the run's seed, the
+    pass and the image alone (not of which process or task draws them), so a rerun draws the same views."""
+    digest = hashlib.blake2b(f"{seed}/{pass_index}/{image_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
-    def __init__(self, cfg: dict):
+
+class MakePairs:
+    """Ray Data `map_batches` callable: shard rows (pyarrow) -> a numpy batch of paired views.
+
+    Each row's views are drawn under `row_seed(seed, pass, image_id)` (the row's `pass` column, 0 when
+    absent), inside a forked torch RNG: the same run seed gives the same views, whichever task draws them."""
+
+    def __init__(self, cfg: dict, seed: int = 0):
         self.cfg = PretrainConfig.model_validate(cfg)
+        self.seed = seed
         self.views = PairedViews(self.cfg.crop, self.cfg.crop_scale, self.cfg.color_jitter)
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
@@ -125,12 +136,16 @@ class MakePairs:
             padded = np.ones((cfg.max_regions, cfg.max_regions), np.float32)
             if dist is not None:
                 padded[: dist.shape[0], : dist.shape[0]] = dist
-            kept.append((decode_image(row["image"]), segments, padded, image_index(str(row.get("image_id")))))
+            seed = row_seed(self.seed, int(row.get("pass") or 0), str(row.get("image_id")))
+            kept.append((decode_image(row["image"]), segments, padded, image_index(str(row.get("image_id"))), seed))
         c, k = cfg.crop, cfg.max_regions
         keys = ("view1", "seg1", "coord1", "view2", "seg2", "coord2", "dist", "image_index")
         out: dict[str, list] = {key: [] for key in keys}
-        for image, segments, padded, index in kept:
-            for key, value in zip(keys, (*self.views(image, segments), padded, index)):
+        for image, segments, padded, index, seed in kept:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                views = self.views(image, segments)
+            for key, value in zip(keys, (*views, padded, index)):
                 out[key].append(value)
         if not kept:
             shapes = {
@@ -150,8 +165,8 @@ class MakePairs:
         }
 
 
-def make_pairs(table: pa.Table, cfg: dict) -> dict[str, np.ndarray]:
-    return MakePairs(cfg)(table)
+def make_pairs(table: pa.Table, cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    return MakePairs(cfg, seed)(table)
 
 
 def repeats_per_epoch(rows: int, cfg: PretrainConfig, world: int, min_steps: int = 100) -> int:
@@ -177,15 +192,16 @@ def build_dataset(shards: str | Path, cfg: PretrainConfig, repeats: int = 1, cpu
     # than a union of `read_parquet` passes: each pass's file listing holds a whole CPU, and on a small
     # cluster ten of them starved the reads for minutes.
     rng = np.random.default_rng(seed)
-    order = [files[i] for _ in range(repeats) for i in rng.permutation(len(files))]
+    order = [(p, files[i]) for p in range(repeats) for i in rng.permutation(len(files))]
     columns = ["image_id", "height", "width", "image", cfg.prior]
-    ds = ray.data.from_items([{"path": f} for f in order], override_num_blocks=len(order))
+    items = [{"path": f, "pass": p} for p, f in order]
+    ds = ray.data.from_items(items, override_num_blocks=len(order))
     ds = ds.map_batches(
         _read_files, fn_kwargs={"columns": columns}, batch_size=1, batch_format="pyarrow", num_cpus=cpus_per_task
     )
     return ds.map_batches(
         make_pairs,
-        fn_kwargs={"cfg": cfg.model_dump(mode="json")},
+        fn_kwargs={"cfg": cfg.model_dump(mode="json"), "seed": seed},
         batch_format="pyarrow",
         batch_size=max(cfg.batch_size, 16),
         num_cpus=cpus_per_task,
@@ -193,8 +209,12 @@ def build_dataset(shards: str | Path, cfg: PretrainConfig, repeats: int = 1, cpu
 
 
 def _read_files(batch: pa.Table, columns: list[str]) -> pa.Table:
-    """The rows of the shard files named in `batch` (a read task)."""
-    return pa.concat_tables([pq.read_table(path, columns=columns) for path in batch.column("path").to_pylist()])
+    """The rows of the shard files named in `batch` (a read task), each with its pass over the shards."""
+    tables = []
+    for path, pass_index in zip(batch.column("path").to_pylist(), batch.column("pass").to_pylist()):
+        table = pq.read_table(path, columns=columns)
+        tables.append(table.append_column("pass", pa.array([pass_index] * table.num_rows, pa.int32())))
+    return pa.concat_tables(tables)
 
 
 def count_rows(shards: str | Path) -> int:

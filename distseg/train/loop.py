@@ -65,7 +65,7 @@ def to_views(batch: dict, device: torch.device, channels_last: bool = False) -> 
     )
 
 
-def _batches(cfg: PretrainConfig, world: int, memory_batches: int = 0):
+def _batches(cfg: PretrainConfig, world: int, memory_batches: int = 0, seed: int = 0):
     """Endless (epoch, batch) from the worker's dataset shard; with `memory_batches`, the first N
     batches are cached and cycled (the in-memory baseline of jobs/benchmark_training.py)."""
     import ray.train
@@ -76,7 +76,10 @@ def _batches(cfg: PretrainConfig, world: int, memory_batches: int = 0):
     while True:
         seen = 0
         batches = shard.iter_torch_batches(
-            batch_size=cfg.batch_size, drop_last=True, local_shuffle_buffer_size=cfg.shuffle_buffer or None
+            batch_size=cfg.batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+            local_shuffle_seed=(seed * 7919 + epoch) if cfg.shuffle_buffer else None,
         )
         for batch in batches:
             seen += 1
@@ -138,7 +141,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     sums: dict[str, float] = defaultdict(float)
     count, t_last = 0, time.perf_counter()
-    batches = _batches(pcfg, session.world, loop_config.get("memory_batches", 0) if pcfg.ingest == "memory" else 0)
+    memory = loop_config.get("memory_batches", 0) if pcfg.ingest == "memory" else 0
+    batches = _batches(pcfg, session.world, memory, seed=cfg.seed * 1000 + session.rank)
     while step < pcfg.steps:
         epoch, batch = next(batches)
         views = to_views(batch, device, session.on_gpu)

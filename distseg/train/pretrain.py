@@ -113,7 +113,11 @@ def build_trainer(
 
     pcfg = cfg.pretrain
     rows = count_rows(pcfg.data)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # per-step bars would flood the log
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # per-step bars would flood the log
+    # blocks reach the trainer in the order of the (seeded) file list, not in the order their tasks end:
+    # with the seeded views (ingest.MakePairs) and shuffle buffer, a 1-worker run is reproducible
+    context.execution_options.preserve_order = True
     dataset = build_dataset(pcfg.data, pcfg, repeats_per_epoch(rows, pcfg, pcfg.num_workers), seed=cfg.seed)
     spec = TrainerSpec(
         name=name or cfg.name,
