@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from pathlib import Path
 
 from distseg.config import RayConfig
 
@@ -21,7 +23,14 @@ def quiet_logs() -> None:
     """Unless `verbose()`: Ray Data's per-dataset progress log and MLflow's database set-up lines stay off
     the console (the stages print their own progress; warnings and errors still show)."""
     if not verbose():
-        for name in ("ray.data", "ray.train", "ray.tune", "mlflow", "alembic"):
+        # Ray Data re-applies its logging config for each dataset, so its console level is set in that
+        # config (here, before ray.data is imported; re-applied if it already was), not on the logger
+        os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).parent / "core" / "ray_data_logging.yaml"))
+        if "ray.data" in sys.modules:
+            from ray.data._internal.logging import configure_logging
+
+            configure_logging()
+        for name in ("ray.train", "ray.tune", "mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
         # advice about Ray's own switches, not about the run: that Ray Data's progress bars are off (the
         # stages print their own) and that a local cluster turned token auth on (the safe default)
@@ -53,7 +62,9 @@ def init_ray(cfg: RayConfig | None = None, **kwargs) -> None:
         # for it ("Cluster resources are not enough ... may hang forever"). 30 s keeps renewals safe.
         os.environ.setdefault("RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S", "30")
     options.update(kwargs)
-    context = ray.init(address=address, **options)
+    # "local": always a cluster of this process's own, never one a `ray start` left running on the machine
+    # (a plain ray.init() joins that one); to join a running cluster, set ray.address or $RAY_ADDRESS
+    context = ray.init(address=address or "local", **options)
     if not options["log_to_driver"]:
         logs = getattr(context, "address_info", {}).get("session_dir")
         where = f"{logs}/logs" if logs else "the Ray session's logs folder"

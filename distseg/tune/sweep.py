@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distseg.cluster import verbose
 from distseg.config import Config, apply_overrides, build_config, load_config, to_yaml
 from distseg.tune.space import SearchSpace, SpaceError, check_against_config, load_space, to_tune
 
@@ -329,6 +331,10 @@ def sweep(
             )
         experiment.mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps({"parent_run_id": parent.run_id, "space": str(space_path)}))
+        if not verbose():
+            # Tune's new console output prints its configuration box and TensorBoard hint even at
+            # verbose=0; the legacy reporter at verbose=0 prints nothing (the sweep has its own lines)
+            os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         grid = tuner.fit()
         result = summarize(grid, space, cfg, sweep_name, parent, base)
     return result
