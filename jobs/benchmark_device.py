@@ -29,9 +29,8 @@ import pyarrow.parquet as pq
 import torch
 
 from distseg.config import load_config
-from distseg.methods import create_method
 from distseg.train.ingest import make_pairs, shard_files
-from distseg.train.loop import make_optimizer, to_views
+from distseg.train.loop import LocalStep
 
 
 def sync(device: torch.device) -> None:
@@ -73,16 +72,7 @@ def make_batches(cfg, shards: str, n_batches: int) -> list[dict]:
 
 
 def time_steps(cfg, batches: list[dict], device: torch.device, amp: bool, steps: int, warmup: int) -> dict:
-    torch.manual_seed(cfg.seed)
-    method = create_method(cfg)
-    net = method.build_model().to(device)
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-    loss_fn = method.build_loss().to(device)
-    method.setup(net, loss_fn, device)
-    params = list(net.parameters()) + [p for p in loss_fn.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg.pretrain)
-    scaler = torch.amp.GradScaler(enabled=amp and device.type == "cuda")
+    train_step = LocalStep(cfg, device, amp)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     losses, t0 = [], None
@@ -90,13 +80,7 @@ def time_steps(cfg, batches: list[dict], device: torch.device, amp: bool, steps:
         if i == warmup:
             sync(device)
             t0 = time.perf_counter()
-        views = to_views(batches[i % len(batches)], device, device.type == "cuda")
-        terms = method.forward(net, views, amp=amp)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(terms["loss"]).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        method.after_step()
+        terms = train_step(batches[i % len(batches)], i)
         losses.append(float(terms["loss"].detach()))
     sync(device)
     seconds = time.perf_counter() - t0

@@ -27,9 +27,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from distseg.checkpoint import save_checkpoint
 from distseg.config import load_config
-from distseg.methods import create_method
 from distseg.train.ingest import check_prior, make_pairs, shard_files
-from distseg.train.loop import lr_at, make_optimizer, to_views
+from distseg.train.loop import LocalStep, lr_at
 
 
 class ShardPairs(IterableDataset):
@@ -77,16 +76,7 @@ def main() -> None:
     amp = device.type == "cuda" if args.amp is None else args.amp
     files = shard_files(args.data)
     check_prior(files, pcfg.prior)
-    torch.manual_seed(cfg.seed)
-    method = create_method(cfg)
-    net = method.build_model().to(device)
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-    loss_fn = method.build_loss().to(device)
-    method.setup(net, loss_fn, device)
-    params = list(net.parameters()) + [p for p in loss_fn.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, pcfg)
-    scaler = torch.amp.GradScaler(enabled=amp and device.type == "cuda")
+    train_step = LocalStep(cfg, device, amp)
     data = ShardPairs(files, pcfg.model_dump(mode="json"), pcfg.prior, cfg.seed)
     loader = DataLoader(
         data, batch_size=pcfg.batch_size, num_workers=args.loaders, pin_memory=device.type == "cuda", prefetch_factor=4
@@ -98,16 +88,7 @@ def main() -> None:
     t0 = t_last = time.perf_counter()
     step = 0
     for batch in loader:
-        views = to_views(batch, device, device.type == "cuda")
-        lr = float(lr_at(step, pcfg))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        terms = method.forward(net, views, amp=amp)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(terms["loss"]).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        method.after_step()
+        terms = train_step(batch, step)
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
         count += 1
@@ -116,7 +97,8 @@ def main() -> None:
         if step % args.log_every == 0 or step == pcfg.steps or late:
             now = time.perf_counter()
             row = {k: v / count for k, v in sums.items()}
-            row.update(step=step, lr=lr, images_per_s=count * pcfg.batch_size / (now - t_last))
+            rate = count * pcfg.batch_size / (now - t_last)
+            row.update(step=step, lr=float(lr_at(step - 1, pcfg)), images_per_s=rate)
             if not all(np.isfinite(v) for v in row.values()):
                 raise FloatingPointError(f"non-finite loss at step {step}: {row}")
             history.append(row)
@@ -130,7 +112,14 @@ def main() -> None:
             break
     seconds = time.perf_counter() - t0
     metrics = {**history[-1], "seconds": seconds, "steps_done": step}
-    save_checkpoint(args.out, cfg=cfg, step=step, metrics=metrics, model=net.state_dict(), loss=loss_fn.state_dict())
+    save_checkpoint(
+        args.out,
+        cfg=cfg,
+        step=step,
+        metrics=metrics,
+        model=train_step.net.state_dict(),
+        loss=train_step.loss_fn.state_dict(),
+    )
     (args.out / "metrics.json").write_text(json.dumps({"history": history, "seconds": seconds}, indent=1))
     print(f"checkpoint: {args.out} ({step} steps in {seconds:.0f} s, {step * pcfg.batch_size / seconds:.0f} img/s)")
 

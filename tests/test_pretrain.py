@@ -4,6 +4,7 @@ resume by name, and survive a worker process killed mid-run."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import threading
@@ -179,3 +180,32 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(tmp_path):
     # the loss history shows the restart: steps after the last checkpoint before the kill were redone
     steps_logged = [s for s, _ in mlflow_metrics(cfg, outcome["result"].run_id, "loss")]
     assert max(steps_logged) == steps and set(steps_logged) == set(range(1, steps + 1))
+
+
+def test_local_step_trains_one_device_without_ray():
+    """distseg.train.loop.LocalStep (jobs/pretrain_local.py, jobs/benchmark_device.py): the loop's step on
+    one device, no Ray: two steps on a hand-made batch move the weights and give a finite loss."""
+    import ray
+
+    from distseg.train.loop import LocalStep
+
+    cfg = load_config("demo", [*TINY[:7], "pretrain.crop=32", "pretrain.steps=2", "pretrain.warmup_steps=0"])
+    B, S = 2, 32
+    ys, xs = torch.meshgrid(torch.arange(S), torch.arange(S), indexing="ij")
+    seg = (xs >= S // 2).long() + 2 * (ys >= S // 2).long()
+    batch = {
+        "view1": torch.randint(0, 255, (B, 3, S, S), dtype=torch.uint8),
+        "view2": torch.randint(0, 255, (B, 3, S, S), dtype=torch.uint8),
+        "seg1": seg.expand(B, S, S).to(torch.int16),
+        "seg2": seg.expand(B, S, S).to(torch.int16),
+        "coord1": torch.stack([ys, xs]).expand(B, 2, S, S).int(),
+        "coord2": torch.stack([ys, xs]).expand(B, 2, S, S).int(),
+        "dist": torch.ones(B, 12, 12),
+        "image_index": torch.arange(B),
+    }
+    step = LocalStep(cfg, torch.device("cpu"), amp=False)
+    before = {k: v.clone() for k, v in step.net.state_dict().items()}
+    losses = [float(step(batch, i)["loss"]) for i in range(2)]
+    assert all(math.isfinite(v) for v in losses)
+    assert any(not torch.equal(before[k], v) for k, v in step.net.state_dict().items())
+    assert not ray.is_initialized()

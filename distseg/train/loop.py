@@ -65,6 +65,36 @@ def to_views(batch: dict, device: torch.device, channels_last: bool = False) -> 
     )
 
 
+class LocalStep:
+    """One process, one device, no Ray: the loop's step (views -> method -> GradScaler -> optimizer ->
+    `after_step`) for jobs/benchmark_device.py and jobs/pretrain_local.py."""
+
+    def __init__(self, cfg, device: torch.device, amp: bool):
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.device, self.amp = cfg, device, amp
+        self.method = create_method(cfg)
+        self.net = self.method.build_model().to(device)
+        if device.type == "cuda":
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.loss_fn = self.method.build_loss().to(device)
+        self.method.setup(self.net, self.loss_fn, device)
+        params = list(self.net.parameters()) + [p for p in self.loss_fn.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(params, cfg.pretrain)
+        self.scaler = torch.amp.GradScaler(enabled=amp and device.type == "cuda")
+
+    def __call__(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        views = to_views(batch, self.device, self.device.type == "cuda")
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(lr_at(step, self.cfg.pretrain))
+        terms = self.method.forward(self.net, views, amp=self.amp)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(terms["loss"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.method.after_step()
+        return terms
+
+
 def _batches(cfg: PretrainConfig, world: int, memory_batches: int = 0, seed: int = 0):
     """Endless (epoch, batch) from the worker's dataset shard; with `memory_batches`, the first N
     batches are cached and cycled (the in-memory baseline of jobs/benchmark_training.py)."""
