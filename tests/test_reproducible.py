@@ -74,7 +74,12 @@ def test_same_seed_same_losses_weights_and_miou(tmp_path, capfd):
         "DeprecationWarning",
     ):
         assert internal not in console, f"Ray's internals on the console: {internal!r}"
-    for progress in (r"mine: \d+/12 images", "mined 12 synthetic images", "pretrain: step 4/4", "read synthetic/val"):
+    for progress in (
+        r"mine: \d+/12 images",
+        "mined 12 synthetic images",
+        "pretrain: step 4/4",
+        "checkpoint features: 100%",
+    ):
         assert re.search(progress, console), f"no progress line {progress!r}"
     a, b, c = runs["a"], runs["b"], runs["c"]
     print({k: (v["losses"], v["miou"]) for k, v in runs.items()})

@@ -100,6 +100,8 @@ SMALL = [
     "pretrain.checkpoint_every=8",
     "model.head_channels=16",
     "model.embed_dim=8",
+    # 5 logical CPUs: two trials of 2.01 at once (their start-up and probe waits overlap on 2 cores)
+    "ray.num_cpus=5",
 ]
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from tqdm import tqdm
 
 BATCH_SIZE = 4  # images per actor call: small blocks stream back early and balance the pool
 
@@ -127,13 +129,13 @@ def pool_size(source: str, num_batches: int) -> tuple[int, dict[str, float]]:
 
 @contextlib.contextmanager
 def _data_context(progress: bool):
-    """Ray Data settings of one extraction (restored after): rows in input order, one progress bar for
-    the whole stage (no per-operator bars), the actor's own exception raised as is."""
+    """Ray Data settings of one extraction (restored after): rows in input order, no Ray progress bars
+    (`extract_features` shows its own), the actor's own exception raised as is."""
     import ray
 
     context = ray.data.DataContext.get_current()
     settings = {
-        "enable_progress_bars": progress,
+        "enable_progress_bars": False,
         "enable_operator_progress_bars": False,
         "print_on_execution_start": False,
         "raise_original_map_exception": True,
@@ -177,7 +179,8 @@ def extract_features(
         items = [{"index": i, "image_id": str(image_id)} for i, image_id in enumerate(ids)]
     if not items:
         return
-    num_batches = math.ceil(len(items) / batch_size)
+    total = len(items)
+    num_batches = math.ceil(total / batch_size)
     actors, resources = pool_size(source, num_batches)
     with _data_context(progress):
         ds = ray.data.from_items(items, override_num_blocks=num_batches)
@@ -204,10 +207,15 @@ def extract_features(
                 **resources,
             )
         ds.set_name(name)
-        for row in ds.iter_rows():
-            # copies: a view would pin its whole block in the object store for as long as it is kept
-            label = np.array(row["label"]) if "label" in row and bool(row["has_label"]) else None
-            yield FeatureRow(int(row["index"]), np.array(row["features"], np.float32), label)
+        # the stage's own progress (Ray Data's bar is off: its non-terminal form is a log of operator
+        # states); refreshed in place on a terminal, a line every 10 s otherwise
+        tty = sys.stderr.isatty()
+        with tqdm(total=total, desc=name, unit="img", disable=not progress, mininterval=0.5 if tty else 10) as bar:
+            for row in ds.iter_rows():
+                # copies: a view would pin its whole block in the object store for as long as it is kept
+                label = np.array(row["label"]) if "label" in row and bool(row["has_label"]) else None
+                bar.update(1)
+                yield FeatureRow(int(row["index"]), np.array(row["features"], np.float32), label)
 
 
 def extract_all(source: str, source_kwargs: dict, images: Sequence[np.ndarray], **kwargs: Any) -> list[np.ndarray]:
