@@ -112,6 +112,7 @@ def pretrain(
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (see pretrain.*, model.*, losses.*)"),
 ) -> None:
     """Pretrain pixel embeddings on grouping shards with Ray Train (resumable, checkpointed, logged to MLflow)."""
+    from distseg.cluster import ResourceError
     from distseg.train.ingest import IngestError
     from distseg.train.pretrain import pretrain as run_pretrain
 
@@ -119,7 +120,7 @@ def pretrain(
     cfg = resolve(config, extra + list(overrides or []))
     try:
         result = run_pretrain(cfg)
-    except (IngestError, FileNotFoundError) as e:
+    except (IngestError, ResourceError, FileNotFoundError) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(1) from None
     losses = " ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if k.startswith("loss"))
@@ -142,6 +143,7 @@ def tune(
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (applied to every trial)"),
 ) -> None:
     """Sweep a method's knobs with Ray Tune: each trial a pretraining run, ASHA early stopping, MLflow child runs."""
+    from distseg.cluster import ResourceError
     from distseg.train.ingest import IngestError
     from distseg.tune import SpaceError, SweepError, print_summary, sweep
 
@@ -149,7 +151,7 @@ def tune(
         result = sweep(
             space, config=config, data=data, overrides=list(overrides or []), resume=resume, name=name, images=images
         )
-    except (SpaceError, SweepError, ConfigError, IngestError, FileNotFoundError) as e:
+    except (SpaceError, SweepError, ResourceError, ConfigError, IngestError, FileNotFoundError) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2 if isinstance(e, SpaceError | ConfigError) else 1) from None
     from distseg.cluster import shutdown_ray

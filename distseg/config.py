@@ -111,7 +111,15 @@ class PretrainConfig(Section):
         "hiergroup", description="method by registry name (distseg.methods): hiergroup | concepts | maskcontrast"
     )
     prior: str = Field("ucm", description="the shard prior column giving the segments (saliency for maskcontrast)")
-    data: str | None = Field(None, description="shards folder (mine's output); none: mine the synthetic set first")
+    data: str | None = Field(
+        None,
+        description="shards folder (mine's output): a path or an s3:// gs:// file:// URI; none: mine the synthetic set",
+    )
+    storage_path: str | None = Field(
+        None,
+        description="Ray Train's run folders and checkpoints: a path or an s3:// gs:// file:// URI that every node "
+        "can reach (default <workdir>/ray_results)",
+    )
     steps: int = Field(2000, ge=1, description="optimizer steps")
     batch_size: int = Field(8, ge=1, description="images per step per worker (two views each)")
     crop: int = Field(224, ge=32, description="side of the square random-resized crops")
@@ -131,6 +139,10 @@ class PretrainConfig(Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel)")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs (and torch threads) per worker")
     use_gpu: bool = Field(False, description="one GPU per worker (AMP and channels_last on)")
+    fit_cluster: bool = Field(
+        True,
+        description="lower cpus_per_worker when the cluster cannot give workers + 1 ingest CPU (false: stop instead)",
+    )
     shuffle_buffer: int = Field(
         256,
         ge=0,

@@ -36,3 +36,14 @@ def msrc_root() -> Path:
 @pytest.fixture(scope="session")
 def davis_root() -> Path:
     return require_data("davis2016")
+
+
+def msrc_sample(folder: Path, count: int) -> Path:
+    """The first `count` MSRC-v2 images copied into `folder`/images (skips when MSRC is absent)."""
+    import shutil
+
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for path in sorted((require_data("msrc_v2") / "images").glob("*.png"))[:count]:
+        shutil.copy(path, images / path.name)
+    return images

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import fnmatch
-from pathlib import Path
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from distseg.storage import resolve_uri
+
 SHARDS = "shards"  # folder of the shard files under the output URI
 ERRORS = "errors"  # folder of the errors table under the output URI
-
-
-def resolve_uri(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and path for a local path, file://, s3:// or gs:// URI."""
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), str(Path(uri).resolve())
 
 
 def list_images(input_uri: str, extensions: list[str]) -> dict[str, str]:

@@ -32,6 +32,12 @@ def resize_max_side(image: np.ndarray, max_side: int | None) -> np.ndarray:
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
+def _node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 class MineWorker:
     """One per actor: builds the priors once, then mines batches of {image_id, uri}.
 
@@ -60,6 +66,7 @@ class MineWorker:
         self.stats = {
             "worker": f"{os.uname().nodename}:{os.getpid()}",
             "pid": os.getpid(),
+            "node_id": _node_id(),  # the Ray node (several nodes can share a host name)
             "init_seconds": time.perf_counter() - t0,
             "images": 0,
             "errors": 0,

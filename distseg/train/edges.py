@@ -20,7 +20,8 @@ import torch
 from distseg.config import Config, EdgeTrainConfig
 from distseg.core.constants import IMAGENET_MEAN, IMAGENET_STD
 from distseg.grouping.edgenet import EdgeNet, edge_loss, export_weights
-from distseg.train.engine import TrainerSpec, WorkerSession, absolute, build_trainer, unwrap, worker_config
+from distseg.storage import absolute
+from distseg.train.engine import TrainerSpec, WorkerSession, build_trainer, unwrap, worker_config
 
 
 def load_training_set(root: str | Path, splits: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -38,7 +38,7 @@ class TrainerSpec:
     """How a training run is placed on the cluster and where its checkpoints go."""
 
     name: str
-    storage: Path
+    storage: str | Path  # a path or a pyarrow filesystem URI (s3://, gs://, file://)
     num_workers: int = 1
     cpus_per_worker: int = 1
     use_gpu: bool = False
@@ -113,8 +113,9 @@ class WorkerSession:
     def restore(self, optional: tuple[str, ...] = (), **objects: Any) -> dict:
         """Load the run's last checkpoint into `objects` (name -> object with load_state_dict).
 
-        Returns its meta.json ({} on a fresh start). A checkpoint saved by another model, loss or
-        optimizer raises CheckpointMismatch saying how to start over."""
+        Returns its meta.json ({} on a fresh start); rank 0 logs the step it resumed at as the MLflow
+        metric `resumed_at_step`. A checkpoint saved by another model, loss or optimizer raises
+        CheckpointMismatch saying how to start over."""
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
@@ -122,13 +123,16 @@ class WorkerSession:
             return {}
         with checkpoint.as_directory() as folder:
             try:
-                return restore_checkpoint(folder, self.device, optional=optional, **objects)
+                meta = restore_checkpoint(folder, self.device, optional=optional, **objects)
             except CheckpointMismatch as err:
                 raise CheckpointMismatch(
                     f"run {self.cfg.name!r} cannot resume from {checkpoint.path}: it was saved by a different model, "
                     f"loss or optimizer than this config and code build ({str(err).split(': ', 1)[-1]}). Start a new "
                     f"run with another name=..., or delete that run's folder to start it over."
                 ) from None
+        if self.tracker and "step" in meta:  # where a restarted worker group (or a rerun) picked up
+            self.tracker.log_metrics({"resumed_at_step": meta["step"]}, step=meta["step"])
+        return meta
 
     @staticmethod
     def due(step: int, log_every: int, checkpoint_every: int, total: int) -> tuple[bool, bool]:
@@ -165,13 +169,6 @@ class WorkerSession:
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DistributedDataParallel wrapper (what checkpoints hold)."""
     return model.module if hasattr(model, "module") else model
-
-
-def absolute(path: str | None) -> str | None:
-    """A local path made absolute (Ray workers run in another working directory); URIs unchanged."""
-    if path is None or "://" in path:
-        return path
-    return str(Path(path).resolve())
 
 
 def cluster_cpus(cfg_ray, needed: int) -> None:

@@ -20,6 +20,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from distseg import storage
 from distseg.config import PretrainConfig
 from distseg.shards import decode_image, decode_masks, decode_png
 
@@ -29,17 +30,23 @@ class IngestError(ValueError):
 
 
 def shard_files(shards: str | Path) -> list[str]:
-    """The Parquet files of a mining output folder (or of a folder of Parquet files)."""
-    root = Path(shards)
-    folder = root / "shards" if (root / "shards").is_dir() else root
-    files = sorted(str(p) for p in folder.glob("*.parquet"))
+    """The Parquet files of a mining output folder (or of a folder of Parquet files): a local path or a
+    pyarrow filesystem URI (s3://, gs://, file://; the files come back as URIs of the same scheme)."""
+    root = str(shards)
+    folder = storage.join(root, "shards") if storage.is_dir(storage.join(root, "shards")) else root
+    files = storage.list_files(folder, ".parquet")
     if not files:
         raise IngestError(f"no Parquet shards under {folder} (run `distseg mine` and pass its --output folder)")
     return files
 
 
+def _parquet(path: str) -> pq.ParquetFile:
+    fs, local = storage.resolve_uri(path)
+    return pq.ParquetFile(local, filesystem=fs)
+
+
 def check_prior(files: list[str], prior: str) -> None:
-    names = pq.read_schema(files[0]).names
+    names = _parquet(files[0]).schema_arrow.names
     if prior not in names:
         available = [n for n in names if n not in ("image_id", "uri", "height", "width", "image", "prior")]
         raise IngestError(
@@ -212,10 +219,10 @@ def _read_files(batch: pa.Table, columns: list[str]) -> pa.Table:
     """The rows of the shard files named in `batch` (a read task), each with its pass over the shards."""
     tables = []
     for path, pass_index in zip(batch.column("path").to_pylist(), batch.column("pass").to_pylist()):
-        table = pq.read_table(path, columns=columns)
+        table = _parquet(path).read(columns=columns)
         tables.append(table.append_column("pass", pa.array([pass_index] * table.num_rows, pa.int32())))
     return pa.concat_tables(tables)
 
 
 def count_rows(shards: str | Path) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in shard_files(shards))
+    return sum(_parquet(f).metadata.num_rows for f in shard_files(shards))

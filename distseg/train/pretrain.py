@@ -7,7 +7,8 @@ Three steps, each callable on its own so a Ray Tune trial can wrap the same code
     result = trainer.fit()                    # -> export(result, cfg): the checkpoint evaluation reads
 
 `pretrain(cfg)` runs them inside one MLflow run. Runs are named by `cfg.name` under
-`<workdir>/ray_results`; rerunning with the same name resumes from the last checkpoint (Ray Train
+`pretrain.storage_path` (default `<workdir>/ray_results`; any pyarrow filesystem URI: s3://, gs://,
+file://, what a multi-node cluster needs); rerunning with the same name resumes from the last checkpoint (Ray Train
 restores automatically) and continues the same MLflow run. The final checkpoint is copied to
 `<workdir>/checkpoints/<name>/` (model.pt, config.yaml, meta.json, loss.pt, the method's extra state),
 the path `distseg evaluate --checkpoint` takes.
@@ -18,9 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from distseg import storage as store
 from distseg.checkpoint import export_checkpoint, read_meta
 from distseg.config import Config
-from distseg.train.engine import TrainerSpec, absolute, cluster_cpus, worker_config
+from distseg.storage import absolute
+from distseg.train.engine import TrainerSpec, cluster_cpus, worker_config
 from distseg.train.engine import build_trainer as engine_trainer
 from distseg.train.ingest import IngestError, build_dataset, count_rows, repeats_per_epoch
 from distseg.train.loop import train_loop_per_worker
@@ -78,19 +81,29 @@ def check_config(cfg: Config) -> Config:
         cfg.model.init_from = absolute(cfg.model.init_from)
         create_model(cfg.model)  # a wrong path or architecture fails here, before Ray or mining starts
     cfg.pretrain.data = absolute(cfg.pretrain.data)
+    cfg.pretrain.storage_path = absolute(cfg.pretrain.storage_path)
     return check_probe(cfg)
 
 
-def prepare(cfg: Config, extra_cpus: int = 0) -> Config:
-    """Validate, start (or attach to) Ray, and make sure there are shards: returns the resolved config.
+def run_storage(cfg: Config) -> str:
+    """Where Ray Train keeps this config's run folders: `pretrain.storage_path` or <workdir>/ray_results."""
+    return cfg.pretrain.storage_path or str(Path(cfg.workdir).resolve() / "ray_results")
 
-    A local cluster gets at least one run's CPUs (workers + 1 for the ingest) plus `extra_cpus`."""
-    from distseg.cluster import init_ray
+
+def prepare(cfg: Config, extra_cpus: int = 0) -> Config:
+    """Validate, start (or attach to) Ray, check the plan against the cluster, and make sure there are
+    shards: returns the resolved config.
+
+    A local cluster gets at least one run's CPUs (`distseg.cluster.training_resources`) plus
+    `extra_cpus`; on a cluster joined by address, `fit_training` fits the plan to what it can give or
+    stops with ResourceError naming the settings to change."""
+    from distseg.cluster import fit_training, init_ray, training_resources
 
     cfg = check_config(cfg)
     ray_cfg = cfg.ray.model_copy()
-    cluster_cpus(ray_cfg, cfg.pretrain.num_workers * cfg.pretrain.cpus_per_worker + 1 + extra_cpus)
+    cluster_cpus(ray_cfg, int(training_resources(cfg.pretrain)["CPU"]) + extra_cpus)
     init_ray(ray_cfg)
+    cfg = fit_training(cfg)
     if cfg.pretrain.data is None:
         cfg.pretrain.data = absolute(synthetic_shards(cfg))
     return cfg
@@ -102,7 +115,7 @@ def build_trainer(
     tracking_uri: str | None = None,
     *,
     name: str | None = None,
-    storage: str | Path | None = None,
+    storage: str | None = None,
     callbacks: list | None = None,
     memory_batches: int = 8,
     loop_extra: dict | None = None,
@@ -121,7 +134,7 @@ def build_trainer(
     dataset = build_dataset(pcfg.data, pcfg, repeats_per_epoch(rows, pcfg, pcfg.num_workers), seed=cfg.seed)
     spec = TrainerSpec(
         name=name or cfg.name,
-        storage=Path(storage) if storage else Path(cfg.workdir).resolve() / "ray_results",
+        storage=str(storage) if storage else run_storage(cfg),
         num_workers=pcfg.num_workers,
         cpus_per_worker=pcfg.cpus_per_worker,
         use_gpu=pcfg.use_gpu,
@@ -138,7 +151,7 @@ class TrainProgress:
     checkpoint, read from what rank 0 logs to MLflow (the workers' own output stays in Ray's logs).
     On a terminal one line refreshed in place; otherwise a line at most every `every_s` seconds."""
 
-    def __init__(self, uri: str, run_id: str, total: int, run_dir: Path, every_s: float = 30.0, poll_s: float = 3.0):
+    def __init__(self, uri: str, run_id: str, total: int, run_dir: str, every_s: float = 30.0, poll_s: float = 3.0):
         import sys
         import threading
 
@@ -185,13 +198,9 @@ class TrainProgress:
         if len(loss) >= 2 and loss[-1].timestamp > loss[0].timestamp:
             batch_rate = (loss[-1].step - loss[0].step) / ((loss[-1].timestamp - loss[0].timestamp) / 1000)
         eta = f"ETA {max(self.total - step, 0) / batch_rate / 60:.1f} min" if batch_rate else "ETA -"
-        checkpoints = sorted(
-            (
-                json.loads((p / "meta.json").read_text()).get("step", 0)
-                for p in self.run_dir.glob("checkpoint_*")
-                if (p / "meta.json").is_file()
-            ),
-        )
+        folders = [p for p in store.list_dirs(self.run_dir) if "/checkpoint_" in p]
+        metas = (store.read_text(store.join(p, "meta.json")) for p in folders)
+        checkpoints = sorted(json.loads(m).get("step", 0) for m in metas if m)
         last_ckpt = f"checkpoint @ {checkpoints[-1]}" if checkpoints else "no checkpoint yet"
         rate = f"{speed[-1].value:.1f} img/s" if speed else "- img/s"
         done = f"step {step}/{self.total} ({step / self.total:.0%})"
@@ -228,17 +237,16 @@ def pretrain(cfg: Config, memory_batches: int = 8) -> PretrainResult:
 
     cfg = prepare(cfg)
     shards = cfg.pretrain.data
-    id_file = Path(cfg.workdir).resolve() / "ray_results" / cfg.name / "mlflow_run_id"
-    previous = id_file.read_text().strip() if id_file.is_file() else None
+    run_dir = store.join(run_storage(cfg), cfg.name)
+    id_file = store.join(run_dir, "mlflow_run_id")
+    previous = (store.read_text(id_file) or "").strip() or None
     tags = {"stage": "pretrain", "method": cfg.pretrain.method, "shards": shards, "shard_rows": count_rows(shards)}
     context = ray.data.DataContext.get_current()
     progress = context.enable_progress_bars
     with start_run(cfg, run_name=cfg.name, tags=tags, run_id=previous) as tracker:
-        id_file.parent.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(tracker.run_id)
+        store.write_text(id_file, tracker.run_id)
         try:
             trainer = build_trainer(cfg, tracker.run_id, tracker.uri, memory_batches=memory_batches)
-            run_dir = Path(cfg.workdir).resolve() / "ray_results" / cfg.name
             print(f"pretrain: {cfg.pretrain.method} for {cfg.pretrain.steps} steps, MLflow run {tracker.run_id}")
             with TrainProgress(tracker.uri, tracker.run_id, cfg.pretrain.steps, run_dir):
                 result = trainer.fit()

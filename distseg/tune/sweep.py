@@ -75,20 +75,20 @@ class SweepResult:
 
 
 def trial_resources(cfg: Config) -> dict[str, float]:
-    pcfg = cfg.pretrain
-    cpus = pcfg.num_workers * pcfg.cpus_per_worker + 1 + TRIAL_CPU
-    return {"CPU": cpus, "GPU": pcfg.num_workers if pcfg.use_gpu else 0}
+    """One pretraining run's resources (`distseg.cluster.training_resources`) + the trial function's."""
+    from distseg.cluster import training_resources
+
+    need = training_resources(cfg.pretrain)
+    return {**need, "CPU": need["CPU"] + TRIAL_CPU}
 
 
 def plan_concurrency(cfg: Config, cluster: dict[str, float], requested: int | None = None) -> int:
     """How many trials run at once (see the module docstring); SweepError when not even one fits."""
+    from distseg.cluster import resources_why
+
     need = trial_resources(cfg)
-    pcfg = cfg.pretrain
-    why = {
-        "CPU": f"pretrain.num_workers={pcfg.num_workers} x cpus_per_worker={pcfg.cpus_per_worker} + 1 for the ingest "
-        f"+ {TRIAL_CPU} for the trial",
-        "GPU": f"pretrain.num_workers={pcfg.num_workers} x 1 (use_gpu)",
-    }
+    why = resources_why(cfg.pretrain)
+    why["CPU"] += f" + {TRIAL_CPU} for the trial"
     fits = []
     for kind, amount in need.items():
         if amount <= 0:
