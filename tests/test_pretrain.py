@@ -64,7 +64,7 @@ def test_lr_schedules():
     assert lr_at(0, warm) == pytest.approx(0.1) and lr_at(10, warm) == 1.0
 
 
-def test_mine_pretrain_two_workers_then_resume(tmp_path):
+def test_mine_pretrain_two_workers_then_resume(tmp_path, capfd):
     from distseg.train.pretrain import pretrain
 
     cfg = tiny_config(tmp_path, "pretrain.steps=4", "pretrain.checkpoint_every=2")
@@ -84,6 +84,7 @@ def test_mine_pretrain_two_workers_then_resume(tmp_path):
         tiny_config(tmp_path, "pretrain.steps=6", "pretrain.checkpoint_every=2", f"pretrain.data={shards}")
     )
     assert resumed.run_id == first.run_id
+    assert "pretrain: resuming run 'tiny'" in capfd.readouterr().out  # a rerun says it resumes
     assert json.loads((resumed.checkpoint / "meta.json").read_text())["step"] == 6
     assert [s for s, _ in mlflow_metrics(cfg, first.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
     for key in ("lr", "images_per_s"):

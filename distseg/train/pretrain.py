@@ -248,6 +248,11 @@ def pretrain(cfg: Config, memory_batches: int = 8) -> PretrainResult:
         try:
             trainer = build_trainer(cfg, tracker.run_id, tracker.uri, memory_batches=memory_batches)
             print(f"pretrain: {cfg.pretrain.method} for {cfg.pretrain.steps} steps, MLflow run {tracker.run_id}")
+            if previous:  # a rerun of a finished run trains nothing: say so, and how to start anew
+                print(
+                    f"pretrain: resuming run {cfg.name!r} from its last checkpoint in {run_dir} "
+                    "(to train from scratch, pass another name=... or remove that folder)"
+                )
             with TrainProgress(tracker.uri, tracker.run_id, cfg.pretrain.steps, run_dir):
                 result = trainer.fit()
         finally:
