@@ -83,7 +83,7 @@ def build_model(cfg: Config, num_classes: int, load: bool = True) -> torch.nn.Mo
 
 def normalise(images: np.ndarray) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) ImageNet-normalised float."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)
+    x = torch.from_numpy(np.array(images, np.float32)).permute(0, 3, 1, 2).div_(255)  # a copy: inputs may be read-only
     return (x - MEAN) / STD
 
 
