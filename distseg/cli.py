@@ -221,7 +221,9 @@ def evaluate(
 
 
 distill_app = typer.Typer(
-    help="MaskDistill: object masks from ViT affinities, clustered into pseudo classes.", no_args_is_help=True
+    help="MaskDistill: object masks from ViT affinities, clustered into pseudo classes, distilled into Mask R-CNN, "
+    "then confident masks train a segmentation model.",
+    no_args_is_help=True,
 )
 app.add_typer(distill_app, name="distill")
 
@@ -266,6 +268,105 @@ def distill_cluster(
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(1) from None
     typer.echo(f"{c.masks} masks of {c.images} images, K={c.clusters}: sizes {c.sizes} -> {c.output}")
+
+
+DISTILL_ERRORS = (FileNotFoundError, FileExistsError, ValueError)
+
+
+@distill_app.command("train")
+def distill_train(
+    data: str = typer.Option(..., "--data", "-d", help="a clustered shard version (`distill cluster` output)"),
+    config: str = typer.Option("maskdistill_demo", "--config", "-c", help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (see distill.maskrcnn.*)"),
+) -> None:
+    """Distil the clustered masks into Mask R-CNN with Ray Train (rerunning the same name resumes)."""
+    from distseg.distill.maskrcnn import train_maskrcnn
+
+    try:
+        r = train_maskrcnn(resolve(config, overrides), data)
+    except DISTILL_ERRORS as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    typer.echo(
+        f"Mask R-CNN: {r.metrics.get('step')} steps, loss {r.metrics.get('loss', float('nan')):.4f}, {r.seconds:.0f} s"
+    )
+    typer.echo(f"checkpoint: {r.checkpoint}  (MLflow run {r.run_id})")
+
+
+@distill_app.command("confident")
+def distill_confident(
+    checkpoint: str = typer.Option(..., "--checkpoint", help="the Mask R-CNN checkpoint (`distill train`)"),
+    data: str = typer.Option(..., "--data", "-d", help="the shard version whose images are segmented"),
+    out: str | None = typer.Option(None, "--out", help="the pseudo-label version (default: DATA_confident)"),
+    config: str = typer.Option("maskdistill_demo", "--config", "-c", help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (see distill.confident.*)"),
+) -> None:
+    """Mask R-CNN over the dataset (Ray Data); confident masks -> pseudo label maps in a new version."""
+    from distseg.distill.confident import confident_stage
+
+    try:
+        s = confident_stage(resolve(config, overrides), checkpoint, data, out)
+    except DISTILL_ERRORS as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    typer.echo(f"{s.images} images: {s.masks} of {s.predictions} predictions kept ({s.seconds:.0f} s) -> {s.output}")
+    typer.echo(f"pixel share per class (0 = background): {s.pixel_share}")
+
+
+@distill_app.command("segment")
+def distill_segment(
+    data: str = typer.Option(..., "--data", "-d", help="a pseudo-label version (`distill confident` output)"),
+    evaluate: bool = typer.Option(True, help="then score it on evaluate.data (matched mIoU + protocols)"),
+    config: str = typer.Option("maskdistill_demo", "--config", "-c", help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (see distill.segment.*, evaluate.*)"),
+) -> None:
+    """Train DeepLab-v3 on the pseudo label maps with hard pixel mining (Ray Train), then evaluate it."""
+    from distseg.distill.segment import evaluate_segmenter, train_segmenter
+
+    cfg = resolve(config, overrides)
+    try:
+        r = train_segmenter(cfg, data)
+        scores = evaluate_segmenter(cfg, r.checkpoint) if evaluate else None
+    except DISTILL_ERRORS as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    typer.echo(
+        f"DeepLab-v3: {r.metrics.get('step')} steps, loss {r.metrics.get('loss', float('nan')):.4f}, {r.seconds:.0f} s"
+    )
+    typer.echo(f"checkpoint: {r.checkpoint}  (MLflow run {r.run_id})")
+    if scores:
+        p = scores["predictions"]
+        typer.echo(f"{p['data']}: Hungarian mIoU {p['hungarian']['miou']:.4f} (majority {p['majority']['miou']:.4f})")
+        for name, metrics in scores["protocols"].items():
+            typer.echo(f"  {name}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "miou" in k))
+
+
+@distill_app.command("run")
+def distill_run(
+    root: str = typer.Option(..., "--root", help="where every stage's output goes (rerun: resume)"),
+    input: str | None = typer.Option(None, "--input", "-i", help="images (default: synthetic, if data.source is)"),
+    ablation: bool = typer.Option(False, help="also score the paper's Table 1 rows (a)-(d)"),
+    config: str = typer.Option("maskdistill_demo", "--config", "-c", help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+) -> None:
+    """MaskDistill end to end: masks, clusters, Mask R-CNN, confident masks, DeepLab-v3, evaluation."""
+    from distseg.distill.pipeline import run_pipeline
+
+    try:
+        s = run_pipeline(resolve(config, overrides), root, input, ablation)
+    except DISTILL_ERRORS as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    from distseg.cluster import shutdown_ray
+
+    shutdown_ray()
+    typer.echo("seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in s["seconds"].items()))
+    for row, scores in s["scores"].items():
+        scored = scores.get("predictions", scores)
+        typer.echo(
+            f"{row}: Hungarian mIoU {scored['hungarian']['miou']:.4f} (majority {scored['majority']['miou']:.4f})"
+        )
+    typer.echo(f"wrote {root}/summary.json")
 
 
 edges_app = typer.Typer(

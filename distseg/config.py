@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field, ValidationError, create_model, model_vali
 
 from distseg.core.registry import Registry
 from distseg.core.section import Section
+from distseg.distill.config import DistillConfig
 from distseg.models.config import ModelConfig
 
 
@@ -229,6 +230,7 @@ class Config(Section):
     losses: Section = Section()
     pretrain: PretrainConfig = PretrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    distill: DistillConfig = DistillConfig()  # MaskDistill part 2 (distseg.distill.config)
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
 

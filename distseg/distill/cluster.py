@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -25,10 +24,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from distseg.config import Config
-from distseg.mining.listing import ERRORS, SHARDS, resolve_uri
+from distseg.distill.versions import ChunkReader, fresh_output, map_chunks, write_version
+from distseg.mining.listing import resolve_uri
 from distseg.mining.manifest import MANIFEST
-
-CHUNK = 4  # shard rows per actor call
 
 FEATURE_SCHEMA = pa.schema([("image_id", pa.string()), ("mask_index", pa.int32()), ("feature", pa.list_(pa.float32()))])
 
@@ -70,14 +68,10 @@ class MaskFeatures:
         self.prior = prior
         self.params = getattr(self.cfg.priors, prior)
         self.source = source if source is not None else build_source(self.params)
-        self._cached: tuple[str, pa.Table] | None = None
+        self.reader = ChunkReader(["image_id", "height", "width", "image", prior])
 
     def rows(self, path: str, start: int, count: int) -> list[dict]:
-        if self._cached is None or self._cached[0] != path:
-            fs, local = resolve_uri(path)
-            columns = ["image_id", "height", "width", "image", self.prior]
-            self._cached = (path, pq.read_table(local, filesystem=fs, columns=columns))
-        return self._cached[1].slice(start, count).to_pylist()
+        return self.reader.rows(path, start, count)
 
     def __call__(self, batch: dict) -> pa.Table:
         from distseg.shards import decode_image, decode_masks
@@ -146,32 +140,15 @@ def cluster_masks(
         raise ValueError(f"{data_uri}: the shards hold {manifest.get('priors')}, not {prior!r} (mine it first)")
     fs, root = resolve_uri(data_uri)
     output_uri = output_uri or f"{data_uri.rstrip('/')}_k{params.clusters}"
-    out_fs, out_root = resolve_uri(output_uri)
-    if out_fs.get_file_info(out_root).type != pafs.FileType.NotFound:
-        raise FileExistsError(f"{output_uri} exists: a clustered version is written once (pick another --out)")
+    out_fs, out_root = fresh_output(output_uri)
     paths = [f"{root}/{s['path']}" for s in manifest["shards"]]
     if not paths:
         raise ValueError(f"{data_uri}: the manifest lists no shards")
 
     init_ray(cfg.ray)
     num_actors = cfg.mine.num_actors or max(1, int(ray.available_resources().get("CPU", 1)))  # as mining sizes it
-    base = data_uri.rstrip("/") if "://" in data_uri else str(Path(data_uri).resolve())  # actors run elsewhere
-    chunks = [
-        {"path": f"{base}/{entry['path']}", "start": start, "count": CHUNK}
-        for entry in manifest["shards"]
-        for start in range(0, int(entry["rows"]), CHUNK)
-    ]
-    ds = ray.data.from_items(chunks, override_num_blocks=max(1, len(chunks)))
-    feats = ds.map_batches(
-        MaskFeatures,
-        fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "prior": prior},
-        batch_size=1,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
-        num_cpus=1,
-        num_gpus=params.num_gpus,
-    ).to_arrow_refs()
-    table = pa.concat_tables([t for t in ray.get(feats) if t.num_rows] or [FEATURE_SCHEMA.empty_table()])
+    kwargs = {"cfg": cfg.model_dump(mode="json"), "prior": prior}
+    table = map_chunks(manifest, data_uri, MaskFeatures, kwargs, num_actors, params.num_gpus, FEATURE_SCHEMA)
     if table.num_rows == 0:
         raise ValueError(f"{data_uri}: no {prior} masks to cluster")
     features = np.stack([np.asarray(f, np.float32) for f in table.column("feature").to_pylist()])
@@ -179,47 +156,27 @@ def cluster_masks(
     ids, idx = table.column("image_id").to_pylist(), table.column("mask_index").to_pylist()
     labels = {(i, m): int(c) + 1 for i, m, c in zip(ids, idx, assign)}
 
-    shards = []
-    out_fs.create_dir(f"{out_root}/{SHARDS}", recursive=True)
-    for entry, path in zip(manifest["shards"], paths):
-        name = entry["path"].rsplit("/", 1)[-1]
-        relabelled = relabel_table(pq.read_table(path, filesystem=fs), prior, labels)
-        tmp, final = f"{out_root}/{SHARDS}/.{name}.tmp", f"{out_root}/{SHARDS}/{name}"
-        pq.write_table(relabelled, tmp, filesystem=out_fs, compression="zstd")
-        out_fs.move(tmp, final)
-        shards.append(
-            {"path": f"{SHARDS}/{name}", "rows": relabelled.num_rows, "bytes": out_fs.get_file_info(final).size}
-        )
-    if fs.get_file_info(f"{root}/{ERRORS}").type == pafs.FileType.Directory:
-        out_fs.create_dir(f"{out_root}/{ERRORS}", recursive=True)
-        pafs.copy_files(f"{root}/{ERRORS}", f"{out_root}/{ERRORS}", source_filesystem=fs, destination_filesystem=out_fs)
+    sizes = np.bincount(assign, minlength=params.clusters).tolist()
+    cluster_entry = {
+        "prior": prior,
+        "clusters": params.clusters,
+        "features": params.features,
+        "source": params.source,
+        "masks": len(assign),
+        "sizes": sizes,
+        "inertia": inertia,
+        "labels": "masks[].label = cluster id + 1",
+    }
+    new_manifest = write_version(
+        manifest,
+        data_uri,
+        output_uri,
+        lambda table: relabel_table(table, prior, labels),
+        "distill.cluster",
+        {"cluster": cluster_entry},
+    )
     with out_fs.open_output_stream(f"{out_root}/centroids.npy") as f:
         np.save(f, centroids)
-    sizes = np.bincount(assign, minlength=params.clusters).tolist()
-    new_manifest = {
-        **manifest,
-        "version": int(manifest.get("version", 1)) + 1,
-        "parent": {
-            "path": data_uri,
-            "version": int(manifest.get("version", 1)),
-            "config_hash": manifest.get("config_hash"),
-        },
-        "stage": "distill.cluster",
-        "cluster": {
-            "prior": prior,
-            "clusters": params.clusters,
-            "features": params.features,
-            "source": params.source,
-            "masks": len(assign),
-            "sizes": sizes,
-            "inertia": inertia,
-            "labels": "masks[].label = cluster id + 1",
-        },
-        "shards": shards,
-        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    with out_fs.open_output_stream(f"{out_root}/{MANIFEST}") as f:
-        f.write(json.dumps(new_manifest, indent=2).encode())
     summary = ClusterSummary(
         output=output_uri,
         images=len(set(ids)),
