@@ -32,7 +32,8 @@ import torch
 
 from distseg.config import Config
 from distseg.distill.config import DistillTrainConfig
-from distseg.train.engine import TrainerSpec, WorkerSession, absolute, build_trainer, unwrap, worker_config
+from distseg.storage import absolute
+from distseg.train.engine import TrainerSpec, WorkerSession, build_trainer, unwrap, worker_config
 
 
 @dataclass
