@@ -208,13 +208,19 @@ def extract_features(
             )
         ds.set_name(name)
         # the stage's own progress (Ray Data's bar is off: its non-terminal form is a log of operator
-        # states); refreshed in place on a terminal, a line every 10 s otherwise
+        # states); refreshed in place on a terminal, a line every 10 s otherwise, cleared when done as the
+        # stage's other bars are (the protocols' result lines follow)
         tty = sys.stderr.isatty()
-        with tqdm(total=total, desc=name, unit="img", disable=not progress, mininterval=0.5 if tty else 10) as bar:
+        bar = tqdm(
+            total=total, desc=name, unit="img", disable=not progress, mininterval=0.5 if tty else 10, leave=False
+        )
+        with bar:
             for row in ds.iter_rows():
                 # copies: a view would pin its whole block in the object store for as long as it is kept
                 label = np.array(row["label"]) if "label" in row and bool(row["has_label"]) else None
                 bar.update(1)
+                if bar.n >= total:  # done: clear it now, not when a consumer that stops here lets go of us
+                    bar.close()
                 yield FeatureRow(int(row["index"]), np.array(row["features"], np.float32), label)
 
 
