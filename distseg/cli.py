@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import typer
@@ -220,6 +221,16 @@ def evaluate(
     typer.echo(f"wrote {out}/metrics.json")
 
 
+@contextlib.contextmanager
+def distill_errors():
+    """A distill stage's bad input (a missing file, an existing output, a bad value): one red line, exit 1."""
+    try:
+        yield
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+
+
 distill_app = typer.Typer(
     help="MaskDistill: object masks from ViT affinities, clustered into pseudo classes, distilled into Mask R-CNN, "
     "then confident masks train a segmentation model.",
@@ -239,11 +250,8 @@ def distill_masks(
     """Mine vit_masks (pretraining a ViT first when no weights or checkpoint are given), then cluster them."""
     from distseg.distill.stage import distill_masks as run
 
-    try:
+    with distill_errors():
         s = run(resolve(config, overrides), data, input, out)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(1) from None
     c = s.cluster
     typer.echo(f"mined {s.mined} images ({s.errors} errors) in {s.mine_seconds:.1f} s -> {s.masks}")
     typer.echo(f"{c.masks} masks, {c.masks / max(1, c.images):.2f} per image; k-means K={c.clusters}: sizes {c.sizes}")
@@ -262,15 +270,9 @@ def distill_cluster(
     """k-means over the masked images' features across the dataset; pseudo classes into a new version."""
     from distseg.distill.cluster import cluster_masks
 
-    try:
+    with distill_errors():
         c = cluster_masks(resolve(config, overrides), data, out)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(1) from None
     typer.echo(f"{c.masks} masks of {c.images} images, K={c.clusters}: sizes {c.sizes} -> {c.output}")
-
-
-DISTILL_ERRORS = (FileNotFoundError, FileExistsError, ValueError)
 
 
 @distill_app.command("train")
@@ -282,11 +284,8 @@ def distill_train(
     """Distil the clustered masks into Mask R-CNN with Ray Train (rerunning the same name resumes)."""
     from distseg.distill.maskrcnn import train_maskrcnn
 
-    try:
+    with distill_errors():
         r = train_maskrcnn(resolve(config, overrides), data)
-    except DISTILL_ERRORS as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(1) from None
     typer.echo(
         f"Mask R-CNN: {r.metrics.get('step')} steps, loss {r.metrics.get('loss', float('nan')):.4f}, {r.seconds:.0f} s"
     )
@@ -304,11 +303,8 @@ def distill_confident(
     """Mask R-CNN over the dataset (Ray Data); confident masks -> pseudo label maps in a new version."""
     from distseg.distill.confident import confident_stage
 
-    try:
+    with distill_errors():
         s = confident_stage(resolve(config, overrides), checkpoint, data, out)
-    except DISTILL_ERRORS as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(1) from None
     typer.echo(f"{s.images} images: {s.masks} of {s.predictions} predictions kept ({s.seconds:.0f} s) -> {s.output}")
     typer.echo(f"pixel share per class (0 = background): {s.pixel_share}")
 
@@ -324,12 +320,9 @@ def distill_segment(
     from distseg.distill.segment import evaluate_segmenter, train_segmenter
 
     cfg = resolve(config, overrides)
-    try:
+    with distill_errors():
         r = train_segmenter(cfg, data)
         scores = evaluate_segmenter(cfg, r.checkpoint) if evaluate else None
-    except DISTILL_ERRORS as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(1) from None
     typer.echo(
         f"DeepLab-v3: {r.metrics.get('step')} steps, loss {r.metrics.get('loss', float('nan')):.4f}, {r.seconds:.0f} s"
     )
@@ -352,11 +345,8 @@ def distill_run(
     """MaskDistill end to end: masks, clusters, Mask R-CNN, confident masks, DeepLab-v3, evaluation."""
     from distseg.distill.pipeline import run_pipeline
 
-    try:
+    with distill_errors():
         s = run_pipeline(resolve(config, overrides), root, input, ablation)
-    except DISTILL_ERRORS as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(1) from None
     from distseg.cluster import shutdown_ray
 
     shutdown_ray()

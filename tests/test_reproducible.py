@@ -12,22 +12,21 @@ import re
 
 import pytest
 import torch
+from test_pretrain import TINY as PRETRAIN_TINY  # tests/ is on sys.path, as for data_layouts
 
 from distseg.cluster import shutdown_ray
 from distseg.config import load_config
 
+# test_pretrain's tiny synthetic set, at 12 images, 1 worker and 4 steps, plus one quick protocol
 TINY = [
+    *(
+        o
+        for o in PRETRAIN_TINY
+        if not o.startswith(("data.num_images", "pretrain.num_workers", "ray.num_cpus", "mine."))
+    ),
     "data.num_images=12",
-    "data.image_size=64",
     "mine.max_side=64",
-    "hierarchy.max_regions=12",
-    "model.head_channels=16",
-    "model.embed_dim=8",
-    "pretrain.batch_size=2",
-    "pretrain.crop=48",
     "pretrain.num_workers=1",
-    "pretrain.cpus_per_worker=1",
-    "pretrain.log_every=1",
     "pretrain.steps=4",
     "ray.num_cpus=2",
     "evaluate.protocols=[dataset_kmeans]",
