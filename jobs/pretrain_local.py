@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=50, help="steps between console lines")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop early (still saves) after this long")
     parser.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # options may follow the KEY=VALUE overrides
 
     cfg = load_config(args.config, [f"pretrain.data={args.data}", *args.overrides])
     pcfg, device = cfg.pretrain, torch.device(args.device)

@@ -5,6 +5,7 @@ of a stopped trial is left on the cluster; best_config.yaml reproduces the winne
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -105,7 +106,7 @@ SMALL = [
 ]
 
 
-def test_demo_sweep(tmp_path, _ray_down):
+def test_demo_sweep(tmp_path, _ray_down, capsys):
     import ray
     from mlflow.tracking import MlflowClient
 
@@ -119,6 +120,11 @@ def test_demo_sweep(tmp_path, _ray_down):
     assert result.steps_run < result.steps_full == 4 * 16
     assert result.best.metric == max(r.metric for r in rows)
     assert all(0.0 <= r.metric <= 1.0 for r in rows)
+    # the console: a line per probe (a long trial shows progress), a line per finished trial
+    out = capsys.readouterr().out
+    probes = re.findall(r"^\[tune\] (\w+) step (\d+)/16: probe_score=(\d\.\d{4}) \(\d+s\)$", out, re.M)
+    assert {t for t, _, _ in probes} == {r.trial for r in rows}, out
+    assert len(re.findall(r"^\[tune\] trial \w+ (finished|stopped early) at step", out, re.M)) == 4, out
 
     # nothing of the trials is left on the cluster: no live actor but Ray's own, no placement group
     alive = [a for a in ray._private.state.actors().values() if a["State"] == "ALIVE"]

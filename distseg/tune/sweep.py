@@ -185,6 +185,12 @@ class _Progress:
 
             def on_trial_result(self, iteration, trials, trial, result, **info):
                 self.last[trial.trial_id] = result
+                if result.get(metric) is not None:  # a line per probe, so a long trial shows progress
+                    print(
+                        f"[tune] {trial.trial_id} step {int(result.get('step', 0))}/{max_t}: "
+                        f"{metric}={result[metric]:.4f} ({time.monotonic() - self.t0:.0f}s)",
+                        flush=True,
+                    )
 
             def _finish(self, trial, failed: bool) -> None:
                 remove_worker_group(train_storage / f"{sweep_name}_{trial.trial_id}")
