@@ -159,13 +159,26 @@ class PretrainConfig(Section):
     probe_every: int = Field(
         0,
         ge=0,
-        description="steps between in-loop probes on labelled held-out images (0: off; `distseg tune` stops on it)",
+        description="steps between in-loop probes on held-out images (0: off; `distseg tune` stops on it)",
     )
     probe_protocol: str = Field(
-        "dataset_kmeans", description="the evaluation protocol the probe runs (its headline is reported as probe_score)"
+        "dataset_kmeans",
+        description="the evaluation protocol the probe runs (its headline is reported as probe_score), or "
+        "prior_agreement: label-free, ARI of per-image embedding clusters vs pretrain.prior's regions on probe_data",
     )
     probe_images: int = Field(
-        24, ge=2, description="probe images, the first N of evaluate.data's evaluate.train_split (never the eval split)"
+        24,
+        ge=2,
+        description="probe images, the first N of evaluate.data's evaluate.train_split (never the eval split); "
+        "prior_agreement: the first N of probe_data not in the training shards",
+    )
+    probe_data: str | None = Field(
+        None,
+        description="prior_agreement only: held-out images the training does not see, folder:PATH (or labeled:PATH, "
+        "voc:PATH, coco:PATH; labels never read); images in the training shards are dropped",
+    )
+    probe_segments: int | None = Field(
+        None, ge=2, description="prior_agreement only: k-means clusters per image (null: the image's prior regions)"
     )
 
 

@@ -21,7 +21,7 @@ from distseg.config import PretrainConfig
 from distseg.core.constants import IMAGENET_MEAN, IMAGENET_STD
 from distseg.methods import Method, Views, create_method
 from distseg.train.engine import WorkerSession
-from distseg.train.probe import Probe
+from distseg.train.probe import build_probe
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -166,7 +166,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     method.load_extra_state({name: h.state for name, h in holders.items() if h.state is not None})
     step, epoch = meta.get("step", 0), meta.get("epoch") or 0
 
-    probe = Probe(cfg) if pcfg.probe_every and session.rank == 0 else None
+    probe = build_probe(cfg) if pcfg.probe_every and session.rank == 0 else None
     probed: dict[str, float] = {}  # the last probe's metrics, carried into every report (Tune needs them in each)
 
     sums: dict[str, float] = defaultdict(float)

@@ -27,7 +27,7 @@ from distseg.train.engine import TrainerSpec, cluster_cpus, worker_config
 from distseg.train.engine import build_trainer as engine_trainer
 from distseg.train.ingest import IngestError, build_dataset, count_rows, repeats_per_epoch
 from distseg.train.loop import train_loop_per_worker
-from distseg.train.probe import check_probe
+from distseg.train.probe import PRIOR_AGREEMENT, check_probe, held_out_files
 
 
 @dataclass
@@ -106,6 +106,8 @@ def prepare(cfg: Config, extra_cpus: int = 0) -> Config:
     cfg = fit_training(cfg)
     if cfg.pretrain.data is None:
         cfg.pretrain.data = absolute(synthetic_shards(cfg))
+    if cfg.pretrain.probe_every and cfg.pretrain.probe_protocol == PRIOR_AGREEMENT:
+        held_out_files(cfg)  # too few held-out images fails here, not in the workers
     return cfg
 
 

@@ -270,6 +270,12 @@ def sweep(
             f"search space {space_path} sweeps grouping settings ({', '.join(mines)}): each trial mines its own "
             "shards, so pass the images (--images DIR, or nothing for the synthetic scenes), not --data SHARDS"
         )
+    if mines and base_cfg.pretrain.probe_protocol == "prior_agreement":
+        raise SpaceError(
+            f"search space {space_path} sweeps grouping settings ({', '.join(mines)}) but ranks trials with "
+            "pretrain.probe_protocol=prior_agreement, the agreement with each trial's own prior: the scores "
+            "would not be comparable across trials (use a labelled probe protocol)"
+        )
     if images and not mines:
         raise SpaceError(f"--images is for spaces that sweep grouping ({', '.join(MINING_KEYS)}*); pass --data")
     if images:  # the trials mine these: no synthetic shards for the base config
