@@ -16,19 +16,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
-from test_distill_masks import SHARED_DATA, TINY, config  # tests/ is on sys.path
+from test_distill_masks import SHARED_DATA, config, weights  # noqa: F401  (weights: the fixture)
 
 from distseg.grouping.priors import largest_regions
-from distseg.models.vit import create_vit
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "vit_tiny.pth"
-    torch.save(create_vit(TINY).state_dict(), path)
-    return path
 
 
 def test_largest_regions_known_answer():
