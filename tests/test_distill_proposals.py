@@ -78,7 +78,7 @@ def test_cli_names_a_bad_proposal_prior(tmp_path, prior, message):
 
 
 @pytest.mark.slow  # one Ray cluster, two clusterings of 8 scenes: about a minute on the shared 2-core machine
-def test_cluster_and_score_saliency_and_felzenszwalb_proposals(weights, tmp_path):
+def test_cluster_and_score_saliency_and_felzenszwalb_proposals(weights, tmp_path):  # noqa: F811
     """Mine saliency and felzenszwalb_masks on synthetic scenes, cluster each with vit_masks' settings
     into its own version, score row (a) against the scenes' labels and log the mask sheet."""
     from mlflow.tracking import MlflowClient
