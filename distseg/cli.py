@@ -262,17 +262,34 @@ def distill_masks(
 
 @distill_app.command("cluster")
 def distill_cluster(
-    data: str = typer.Option(..., "--data", "-d", help="shards holding vit_masks (a `distseg mine` output)"),
-    out: str | None = typer.Option(None, "--out", help="the clustered shard version (default: DATA_k<K>)"),
+    data: str = typer.Option(..., "--data", "-d", help="shards holding the proposals (a `distseg mine` output)"),
+    out: str | None = typer.Option(
+        None, "--out", help="the clustered shard version (default: DATA_k<K>, DATA_<PRIOR>_k<K> for other priors)"
+    ),
+    prior: str = typer.Option(
+        "vit_masks", "--prior", help="the proposals: a mask prior's column (vit_masks, saliency, felzenszwalb_masks)"
+    ),
+    score: bool = typer.Option(False, help="then score row (a): Hungarian mIoU against evaluate.data's labels"),
     config: str = typer.Option("maskdistill_demo", "--config", "-c", help=CONFIG_HELP),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (see priors.vit_masks.*)"),
 ) -> None:
-    """k-means over the masked images' features across the dataset; pseudo classes into a new version."""
+    """k-means over the masked images' features across the dataset; pseudo classes into a new version.
+    Features and K always come from priors.vit_masks, so other proposals (--prior) compare like for like."""
     from distseg.distill.cluster import cluster_masks
 
     with distill_errors():
-        c = cluster_masks(resolve(config, overrides), data, out)
-    typer.echo(f"{c.masks} masks of {c.images} images, K={c.clusters}: sizes {c.sizes} -> {c.output}")
+        c = cluster_masks(resolve(config, overrides), data, out, prior=prior, score=score)
+    typer.echo(
+        f"{c.masks} {c.prior} masks of {c.images} images ({c.masks / max(1, c.images):.2f} per image), "
+        f"K={c.clusters}: sizes {c.sizes}, {c.seconds:.0f} s -> {c.output}  (MLflow run {c.run_id})"
+    )
+    if c.scores:
+        h, m = c.scores["hungarian"], c.scores["majority"]
+        typer.echo(
+            f"row (a), cluster the initial {c.prior} masks: Hungarian mIoU {h['miou']:.4f} "
+            f"(pixel accuracy {h['pixel_accuracy']:.4f}), majority mIoU {m['miou']:.4f}, "
+            f"{c.scores['images']} images"
+        )
 
 
 @distill_app.command("train")

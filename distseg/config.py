@@ -88,7 +88,9 @@ class EdgeTrainConfig(Section):
 class MineConfig(Section):
     """`distseg mine`: which priors run and how shards are written."""
 
-    priors: list[str] = Field(["ucm"], description="priors by registry name: ucm, felzenszwalb, slic, saliency")
+    priors: list[str] = Field(
+        ["ucm"], description="priors by registry name: ucm, felzenszwalb, slic, saliency, felzenszwalb_masks, vit_masks"
+    )
     max_side: int | None = Field(512, ge=8, description="resize images so the longer side is at most this (null: keep)")
     image_format: str = Field("jpeg", pattern="^(jpeg|png)$", description="how the image is stored in the shard")
     jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality of the stored image")

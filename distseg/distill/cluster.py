@@ -7,6 +7,14 @@ mined mask, across the whole dataset, written as each mask's label into a NEW sh
     -> <output>/shards/<same file names> with masks[].label = cluster id + 1 (0 stays "no class"),
        <output>/centroids.npy, <output>/_manifest.json (version = parent's + 1, `parent` recorded)
 
+The proposals are any mask prior's column (`prior`, `--prior`): vit_masks (MaskDistill), or, as the
+baselines of "cluster the initial masks" (the paper's Table 1 row (a); its Sec. 3.1 argues against
+handcrafted priors), `saliency` (one foreground mask) or `felzenszwalb_masks` (the largest
+Felzenszwalb regions). Whatever the proposals, the features and the clustering settings are those of
+priors.vit_masks (source, features, clusters, ...), so only the proposals differ between the rows.
+With `score`, the clustered version is scored right away (distseg.distill.pipeline.score_version:
+Hungarian-matched mIoU against evaluate.data's labels of the mined images).
+
 The parent's shards are never rewritten: the output folder must not exist yet (each shard is
 written to a temporary name and renamed, as mining does). Features are L2-normalised before
 k-means (spherical k-means, as for [CLS] tokens usually); empty rows (no masks) pass through.
@@ -41,6 +49,8 @@ class ClusterSummary:
     inertia: float
     sizes: list[int] = field(default_factory=list)
     run_id: str | None = None
+    prior: str = "vit_masks"
+    scores: dict | None = None  # with score: pipeline.score_version's row (a)
 
 
 def read_manifest(data_uri: str) -> dict:
@@ -57,7 +67,7 @@ class MaskFeatures:
     mask_index, feature). It reads the shard itself (the last file stays cached), so no read task
     competes with the pool for CPUs."""
 
-    def __init__(self, cfg: dict, prior: str, source=None):
+    def __init__(self, cfg: dict, prior: str, source=None):  # prior: the proposals' column
         import torch
 
         from distseg.config import build_config
@@ -66,7 +76,7 @@ class MaskFeatures:
         torch.set_num_threads(1)
         self.cfg = build_config(cfg)
         self.prior = prior
-        self.params = getattr(self.cfg.priors, prior)
+        self.params = self.cfg.priors.vit_masks  # the affinity source, whatever the proposals
         self.source = source if source is not None else build_source(self.params)
         self.reader = ChunkReader(["image_id", "height", "width", "image", prior])
 
@@ -117,21 +127,41 @@ def relabel_table(table: pa.Table, prior: str, labels: dict[tuple[str, int], int
     return table.set_column(index, table.schema.field(prior), column).replace_schema_metadata(table.schema.metadata)
 
 
+def check_proposals(prior: str) -> None:
+    """`prior` must be a registered prior whose column holds masks (what the clustering labels)."""
+    from distseg.grouping.priors import PRIORS, prior_yields
+
+    masks = sorted(n for n in PRIORS.list() if prior_yields(n) == "masks")
+    if prior not in PRIORS.list():
+        raise ValueError(f"--prior (the proposals' column): unknown prior {prior!r}; mask priors: {', '.join(masks)}")
+    if prior_yields(prior) != "masks":
+        raise ValueError(
+            f"--prior (the proposals' column): {prior!r} yields regions, not masks; cluster one of {', '.join(masks)} "
+            "(felzenszwalb_masks: the largest felzenszwalb regions as masks)"
+        )
+
+
 def cluster_masks(
-    cfg: Config, data_uri: str, output_uri: str | None = None, prior: str = "vit_masks", track: bool = True
+    cfg: Config,
+    data_uri: str,
+    output_uri: str | None = None,
+    prior: str = "vit_masks",
+    track: bool = True,
+    score: bool = False,
 ) -> ClusterSummary:
-    """Cluster every mask of `prior` in the shards at data_uri; write the labelled version to output_uri
-    (default: `<data_uri>_k<K>`). Returns the counts; logs an MLflow run (tag stage=distill.cluster)."""
+    """Cluster every mask of `prior` in the shards at data_uri with the features and settings of
+    priors.vit_masks; write the labelled version to output_uri (default: `<data_uri>_k<K>` for
+    vit_masks, `<data_uri>_<prior>_k<K>` otherwise). With score, also row (a)'s mIoU (summary.scores).
+    Returns the counts; logs an MLflow run (tags stage=distill.cluster, prior)."""
     import ray
 
     from distseg.cluster import init_ray
 
     t0 = time.perf_counter()
-    params = getattr(cfg.priors, prior, None)
-    if params is None or not hasattr(params, "clusters"):
-        raise ValueError(f"{prior!r} has no clustering settings (priors.{prior}.clusters); use vit_masks")
+    check_proposals(prior)
+    params = cfg.priors.vit_masks
     if params.features == "embedding" and params.source != "checkpoint":
-        raise ValueError(f"priors.{prior}.features=embedding needs source=checkpoint (the vit source: cls | tokens)")
+        raise ValueError("priors.vit_masks.features=embedding needs source=checkpoint (the vit source: cls | tokens)")
     from distseg.distill.stage import check_source
 
     check_source(params)
@@ -139,7 +169,8 @@ def cluster_masks(
     if prior not in manifest.get("priors", []):
         raise ValueError(f"{data_uri}: the shards hold {manifest.get('priors')}, not {prior!r} (mine it first)")
     fs, root = resolve_uri(data_uri)
-    output_uri = output_uri or f"{data_uri.rstrip('/')}_k{params.clusters}"
+    suffix = f"_k{params.clusters}" if prior == "vit_masks" else f"_{prior}_k{params.clusters}"
+    output_uri = output_uri or f"{data_uri.rstrip('/')}{suffix}"
     out_fs, out_root = fresh_output(output_uri)
     paths = [f"{root}/{s['path']}" for s in manifest["shards"]]
     if not paths:
@@ -185,7 +216,12 @@ def cluster_masks(
         seconds=time.perf_counter() - t0,
         inertia=inertia,
         sizes=sizes,
+        prior=prior,
     )
+    if score:
+        from distseg.distill.pipeline import score_version
+
+        summary.scores = score_version(cfg, output_uri, prior)
     if track:
         summary.run_id = _log_run(cfg, summary, new_manifest, paths, fs, prior)
     return summary
@@ -196,16 +232,19 @@ def _log_run(cfg: Config, summary: ClusterSummary, manifest: dict, paths, fs, pr
     from distseg.tracking import start_run
 
     tags = {"stage": "distill.cluster", "output": summary.output, "prior": prior}
-    with start_run(cfg, run_name=f"{cfg.name}-distill-cluster", tags=tags) as tracker:
-        tracker.log_metrics(
-            {
-                "images": summary.images,
-                "masks": summary.masks,
-                "masks_per_image": summary.masks / max(1, summary.images),
-                "seconds": summary.seconds,
-                "inertia": summary.inertia,
-            }  # fmt: skip
-        )
+    name = f"{cfg.name}-distill-cluster" + ("" if prior == "vit_masks" else f"-{prior}")
+    with start_run(cfg, run_name=name, tags=tags) as tracker:
+        metrics = {
+            "images": summary.images,
+            "masks": summary.masks,
+            "masks_per_image": summary.masks / max(1, summary.images),
+            "seconds": summary.seconds,
+            "inertia": summary.inertia,
+        }
+        if summary.scores:
+            metrics |= {f"a_initial_masks_{k}": summary.scores[k]["miou"] for k in ("hungarian", "majority")}
+            tracker.log_dict(summary.scores, "scores.json")
+        tracker.log_metrics(metrics)
         tracker.log_dict(manifest, MANIFEST)
         out_fs, out_root = resolve_uri(summary.output)
         first = pq.read_table(f"{out_root}/{manifest['shards'][0]['path']}", filesystem=out_fs).slice(0, 8)

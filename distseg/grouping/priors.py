@@ -4,7 +4,9 @@
     out = prior(image)                    # PriorOutput(regions, region_dist, ucm, masks)
 
 `ucm` (edges -> OWT-UCM tree, leaf regions with tree distances), `felzenszwalb` and `slic` (regions
-only), `saliency` (one foreground mask, as MaskContrast uses; empty when the mask is almost empty).
+only), `saliency` (one foreground mask, as MaskContrast uses; empty when the mask is almost empty),
+`felzenszwalb_masks` (the largest Felzenszwalb regions as masks: a baseline proposal for MaskDistill's
+clustering), `vit_masks` (MaskDistill's object masks, distseg.distill.prior).
 """
 
 from __future__ import annotations
@@ -95,6 +97,37 @@ class FelzenszwalbPrior:
         min_size = max(p.min_size, int(np.ceil(area / p.max_regions)))
         segmenter = cv2.ximgproc.segmentation.createGraphSegmentation(sigma=p.sigma, k=p.k, min_size=min_size)
         return PriorOutput(regions=relabel(segmenter.processImage(as_rgb(image)[:, :, ::-1])))
+
+
+class FelzenszwalbMasksParams(Section):
+    max_masks: int = Field(3, ge=1, description="the largest regions kept as mask proposals (vit_masks keeps 3)")
+    min_area: float = Field(0.02, ge=0, lt=1, description="drop regions below this fraction of the image")
+
+
+def largest_regions(regions: np.ndarray, max_masks: int, min_area: float) -> list[Mask]:
+    """A region map's `max_masks` largest regions (each at least `min_area` of the image) as masks,
+    largest first; a mask's score is its share of the image."""
+    counts = np.bincount(regions.ravel())
+    order = [int(r) for r in np.argsort(-counts, kind="stable") if counts[r] >= max(1, min_area * regions.size)]
+    return [Mask(mask=regions == r, score=float(counts[r] / regions.size), label=1) for r in order[:max_masks]]
+
+
+@register_prior("felzenszwalb_masks", yields="masks", params=FelzenszwalbMasksParams)
+class FelzenszwalbMasksPrior:
+    """Felzenszwalb regions as mask proposals: the comparison MaskDistill's Sec. 3.1 / Fig. 1 draws
+    (a low-level prior over-segments, so its regions carry little semantic content). The segmentation is
+    `felzenszwalb` with its own settings (priors.felzenszwalb); the `max_masks` largest regions become
+    masks, as many as vit_masks proposes per image, so that only the kind of proposal differs."""
+
+    def __init__(self, cfg: Config):
+        self.params = cfg.priors.felzenszwalb_masks
+        self.segment = FelzenszwalbPrior(cfg)
+
+    def __call__(self, image: np.ndarray) -> PriorOutput:
+        if min(image.shape[:2]) < MIN_SIDE:
+            return PriorOutput(masks=[])
+        p = self.params
+        return PriorOutput(masks=largest_regions(self.segment(image).regions, p.max_masks, p.min_area))
 
 
 class SlicParams(Section):
