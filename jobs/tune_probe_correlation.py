@@ -23,7 +23,9 @@ from pathlib import Path
 
 
 def latest_checkpoint(run: Path) -> Path | None:
-    found = sorted(run.glob("checkpoint_*"), key=lambda p: json.loads((p / "meta.json").read_text())["step"])
+    """The trial's Train checkpoint of the highest step (Ray's `checkpoint_manager_snapshot.json` is skipped)."""
+    found = [p for p in run.glob("checkpoint_*") if (p / "meta.json").is_file()]
+    found.sort(key=lambda p: json.loads((p / "meta.json").read_text())["step"])
     return found[-1] if found else None
 
 

@@ -160,6 +160,21 @@ def test_demo_sweep(tmp_path, _ray_down, capsys):
         sweep(space, overrides=[f"workdir={tmp_path}", *SMALL])
 
 
+def test_correlation_job_takes_the_last_checkpoint_among_rays_files(tmp_path):
+    """A Train V2 run folder holds `checkpoint_manager_snapshot.json` beside its checkpoint folders
+    (the MSRC sweep's did): jobs/tune_probe_correlation.py must pick the folder of the highest step."""
+    from jobs.tune_probe_correlation import latest_checkpoint
+
+    for name, step in [("checkpoint_2026-12-01_00-35-58", 200), ("checkpoint_2026-12-01_00-39-26", 600)] + [
+        ("checkpoint_2026-12-01_00-37-44", 400)
+    ]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "meta.json").write_text(json.dumps({"step": step}))
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_2026-12-01_00-39-26"
+    assert latest_checkpoint(tmp_path / "checkpoint_2026-12-01_00-39-26") is None
+
+
 def test_probe_scores_a_network_on_train_split_images_only():
     from distseg.models import create_model
     from distseg.train.probe import Probe, check_probe
