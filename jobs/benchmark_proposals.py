@@ -1,6 +1,8 @@
 """Time the mask proposal priors that `distseg distill cluster --prior` compares (vit_masks, saliency,
 felzenszwalb_masks) on one core: masks per image and seconds per image per core, each prior built
-once and run image by image in this process with torch (and OpenCV) on one thread.
+once and run image by image in this process with torch (and OpenCV) on one thread. The per-core
+figure is the process's CPU time (one thread), so it holds on a busy machine; the wall time beside it
+does not.
 
     python jobs/benchmark_proposals.py --config maskdistill --input msrc --limit 40 \
         data.split=val priors.vit_masks.short_side=320 priors.vit_masks.source=checkpoint \
@@ -59,17 +61,25 @@ def main() -> None:
     for name in names:
         prior = create_prior(name, cfg)
         prior(images[0])  # warm-up (first-call allocations), not timed
-        counts, t0 = [], time.perf_counter()
+        counts, t0, c0 = [], time.perf_counter(), time.process_time()
         for image in images:
             counts.append(len(prior(image).masks))
         seconds = (time.perf_counter() - t0) / len(images)
+        cpu = (time.process_time() - c0) / len(images)
         results[name] = {
             "images": len(images),
             "masks_per_image": float(np.mean(counts)),
             "images_without_masks": int(sum(c == 0 for c in counts)),
-            "seconds_per_image_per_core": seconds,
+            "seconds_per_image_per_core": cpu,
+            "wall_seconds_per_image": seconds,
         }
-        print(f"{name:20s} {np.mean(counts):.2f} masks/image  {seconds:.3f} s/image/core  ({len(images)} images)")
+    print("| prior | images | masks/image | without masks | CPU s/image (one core) | wall s/image |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(
+            f"| {name} | {r['images']} | {r['masks_per_image']:.2f} | {r['images_without_masks']} "
+            f"| {r['seconds_per_image_per_core']:.3f} | {r['wall_seconds_per_image']:.3f} |"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))
