@@ -72,7 +72,7 @@ def mine(
         "--input",
         "-i",
         help="images: a folder (recursive), a glob, an s3:// / gs:// URI, or a data source "
-        "(labeled:PATH, voc:PATH, coco:PATH, msrc: the images of its data.split)",
+        "(labeled:PATH, voc:PATH, coco:PATH, msrc, davis: the images of its data.split)",
     ),
     output: str = typer.Option(
         ..., "--output", "-o", help="where shards/, errors/ and _manifest.json go (local or s3:// / gs://)"
@@ -318,8 +318,10 @@ def distill_ap(
 ) -> None:
     """Class-agnostic mask AP (pycocotools) of mined mask proposals against a dataset's instance masks.
 
-    Caveat: DAVIS-2016 annotates one object per frame, so a mask on another, unannotated object counts
-    as a false positive: AP there is a lower bound, meant for comparing proposal kinds on the same frames."""
+    area: mean mask area (share of the image); best IoU: mean over annotated objects of the best IoU any
+    mask reaches (extra masks do not lower it). Caveat: DAVIS-2016 annotates one object per frame, so a
+    mask on another, unannotated object counts as a false positive: AP there is a lower bound, meant for
+    comparing proposal kinds on the same frames."""
     from distseg.distill.evaluate import evaluate_masks, log_mask_ap
 
     cfg = resolve(config, overrides)
@@ -327,10 +329,13 @@ def distill_ap(
     with distill_errors():
         r = evaluate_masks(cfg, data, dataset, names, split)
     typer.echo(f"class-agnostic mask AP on {r.images} images of {r.dataset} (split {r.split}):")
-    typer.echo(f"{'prior':<20} {'masks/image':>11} {'AP':>7} {'AP50':>7} {'AP75':>7}")
+    typer.echo(f"{'prior':<20} {'masks/image':>11} {'area':>6} {'AP':>7} {'AP50':>7} {'AP75':>7} {'best IoU':>8}")
     for name, a in r.scores.items():
         how = "" if a["stored"] else "  (run on the stored images)"
-        typer.echo(f"{name:<20} {a['masks_per_image']:>11.2f} {a['AP']:>7.3f} {a['AP50']:>7.3f} {a['AP75']:>7.3f}{how}")
+        typer.echo(
+            f"{name:<20} {a['masks_per_image']:>11.2f} {a['area']:>6.3f} {a['AP']:>7.3f} {a['AP50']:>7.3f} "
+            f"{a['AP75']:>7.3f} {a['best_iou']:>8.3f}{how}"
+        )
     if track:
         typer.echo(f"MLflow run {log_mask_ap(cfg, data, r)}")
 

@@ -341,6 +341,11 @@ def test_class_agnostic_mask_ap_known_answers():
     assert mask_ap({"a": [(wrong, 1.0)]}, {"a": instances}) == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
     with pytest.raises(ValueError, match="without ground truth"):
         mask_ap({"b": []}, {"a": instances})
+    from distseg.distill.evaluate import best_overlaps
+
+    shifted = np.roll(instances == 2, 4, axis=1)  # 16 x 12 overlap of two 16 x 16 squares: IoU 192 / 320
+    assert best_overlaps(half["a"] + [(shifted, 0.5)], instances) == [1.0, pytest.approx(0.6)]
+    assert best_overlaps([], instances) == [0.0, 0.0]
 
 
 def write_mined(root: Path, records: list, priors: list[str], input_uri: str = "") -> str:
@@ -411,7 +416,9 @@ def test_mask_ap_scores_every_stored_mask_prior_from_its_stored_masks(tmp_path):
     assert (perfect["AP"], perfect["AP50"], perfect["AP75"]) == pytest.approx((1.0, 1.0, 1.0))
     objects = sum(len(np.unique(make_scene(i, 64, seed=0).instances)) - 1 for i in range(4))
     assert perfect["masks_per_image"] == pytest.approx(objects / 4)
+    assert perfect["best_iou"] == pytest.approx(1.0)
     assert (empty["AP"], empty["AP50"], empty["AP75"], empty["masks_per_image"]) == (0.0, 0.0, 0.0, 0.0)
+    assert (empty["area"], empty["best_iou"]) == (0.0, 0.0)
     with pytest.raises(ValueError, match="not mask priors"):
         evaluate_masks(cfg, str(tmp_path), priors=["ucm"])
 
@@ -430,7 +437,8 @@ def test_davis_records_are_scored_against_their_annotation(tmp_path):
     """Real DAVIS frames, stored at half size under ids that are not DAVIS's: each record is found by
     its file through the registry's davis reader, its annotation resized to the stored image; a mask
     equal to the (resized) annotation scores AP50 1, the inverted mask 0, a mask of a different frame's
-    annotation less. Then the CLI verb prints the table and logs it to MLflow."""
+    annotation less. The dataset defaults to the one the manifest names as mined (`--input davis`).
+    Then the CLI verb prints the table and logs it to MLflow."""
     from typer.testing import CliRunner
 
     from distseg.cli import app
@@ -455,13 +463,16 @@ def test_davis_records_are_scored_against_their_annotation(tmp_path):
             "felzenszwalb_masks": PriorOutput(masks=[Mask(other, 0.9)]),
         }
         records.append(GroupingRecord(f"frame{n}", str(frame.resolve()), half, priors))
-    data = write_mined(tmp_path / "mined", records, ["vit_masks", "saliency", "felzenszwalb_masks"])
+    data = write_mined(tmp_path / "mined", records, ["vit_masks", "saliency", "felzenszwalb_masks"], "davis")
     cfg = load_config("maskdistill", [f"workdir={tmp_path}"])
-    result = evaluate_masks(cfg, data, "davis", split="val")
-    assert result.images == 3 and result.dataset == "davis"
+    assert cfg.evaluate.data != "davis"
+    result = evaluate_masks(cfg, data)  # the dataset: the source the manifest says was mined
+    assert (result.images, result.dataset, result.split) == (3, "davis", "all")
     assert result.scores["vit_masks"]["AP50"] == pytest.approx(1.0)
     assert result.scores["vit_masks"]["AP"] > 0.9  # nearest-neighbour resizing of the same mask: IoU ~ 1
-    assert result.scores["saliency"]["AP50"] == 0.0
+    assert result.scores["vit_masks"]["best_iou"] > 0.9
+    assert result.scores["saliency"]["AP50"] == 0.0 and result.scores["saliency"]["best_iou"] == 0.0  # disjoint
+    assert result.scores["saliency"]["area"] > 0.5 > result.scores["vit_masks"]["area"]  # a swan, and not it
     assert result.scores["felzenszwalb_masks"]["AP"] < result.scores["vit_masks"]["AP"]
 
     args = ["distill", "ap", "--config", "maskdistill", "--data", data, "--dataset", "davis"]
@@ -470,7 +481,10 @@ def test_davis_records_are_scored_against_their_annotation(tmp_path):
     lines = out.output.splitlines()
     assert "3 images of davis (split all)" in lines[0]
     row = next(line for line in lines if line.startswith("vit_masks")).split()
-    assert row[1:3] == ["1.00", f"{result.scores['vit_masks']['AP']:.3f}"] and row[3] == "1.000"
+    vit = result.scores["vit_masks"]
+    columns = ["masks_per_image", "area", "AP", "AP50", "AP75", "best_iou"]  # the printed order
+    assert row[1:] == [f"{vit[k]:.2f}" if k == "masks_per_image" else f"{vit[k]:.3f}" for k in columns]
+    assert row[1] == "1.00" and row[4] == "1.000"  # one mask per frame; AP50
     assert not any(line.startswith("felzenszwalb_masks") for line in lines)
     from mlflow.tracking import MlflowClient
 

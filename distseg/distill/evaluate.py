@@ -3,7 +3,7 @@
 
     ap = mask_ap(predictions, ground_truth)   # {"AP": ..., "AP50": ..., "AP75": ...} in [0, 1]
     result = evaluate_masks(cfg, "outputs/mined", dataset="davis")   # every stored mask prior
-    result.scores["vit_masks"]  # {"AP", "AP50", "AP75", "masks_per_image", "stored"}
+    result.scores["vit_masks"]  # {"AP", "AP50", "AP75", "masks_per_image", "area", "best_iou", "stored"}
 
 predictions: {image_id: [(mask H x W bool, score), ...]}; ground_truth: {image_id: instance map
 (H x W int, 0 = no instance)}. Images with no prediction count (their instances are all missed).
@@ -17,7 +17,11 @@ the stored images.
 Caveat (DAVIS-2016): it annotates one object per frame, so a proposal on another, unannotated object
 counts as a false positive and lowers the precision. AP on DAVIS is a lower bound of the proposals'
 quality; what it is for is comparing proposal kinds (vit_masks against saliency and
-felzenszwalb_masks) on the same frames with the same number of masks.
+felzenszwalb_masks) on the same frames with the same number of masks. Beside AP each prior gets
+`best_iou`, the mean over ground-truth instances of the best IoU any of its masks reaches (the average
+best overlap of the object-proposal literature): extra masks do not lower it, so it is not biased by
+unannotated objects, and it says whether a low AP comes from missing the object or from mis-ranking;
+and `area`, the mean mask area as a share of the image.
 """
 
 from __future__ import annotations
@@ -99,6 +103,16 @@ def synthetic_instances(uri: str, image_size: int, seed: int, shape: tuple[int, 
     return instances
 
 
+def best_overlaps(predictions: list[tuple[np.ndarray, float]], instances: np.ndarray) -> list[float]:
+    """For each instance of an instance map (0 = none), the best IoU any predicted mask reaches (0: none)."""
+    best = []
+    for k in np.unique(instances[instances > 0]):
+        target = instances == k
+        ious = [(mask & target).sum() / max(1, (mask | target).sum()) for mask, _ in predictions]
+        best.append(float(max(ious, default=0.0)))
+    return best
+
+
 class InstanceTruth:
     """The instance maps of mined images, from a registered dataset opened by its source name.
 
@@ -152,7 +166,8 @@ INSTANCE_SOURCES = ("synthetic", "davis", "coco:PATH")  # the readers whose samp
 
 @dataclass
 class MaskAPResult:
-    """evaluate_masks: {prior: {"AP", "AP50", "AP75", "masks_per_image", "stored"}} over `images` images."""
+    """evaluate_masks: {prior: {"AP", "AP50", "AP75", "masks_per_image", "area", "best_iou", "stored"}}
+    over `images` images (see the module docstring)."""
 
     scores: dict[str, dict]
     dataset: str
@@ -218,9 +233,15 @@ def evaluate_masks(
         raise ValueError(f"{data_uri}: the shards hold no images")
     scores = {}
     for name, preds in predictions.items():
-        masks = sum(len(p) for p in preds.values())
-        scores[name] = {**mask_ap(preds, ground_truth), "masks_per_image": masks / len(ground_truth)}
-        scores[name]["stored"] = name not in run
+        areas = [float(mask.mean()) for p in preds.values() for mask, _ in p]
+        best = [iou for image_id, p in preds.items() for iou in best_overlaps(p, ground_truth[image_id])]
+        scores[name] = {
+            **mask_ap(preds, ground_truth),
+            "masks_per_image": len(areas) / len(ground_truth),
+            "area": float(np.mean(areas)) if areas else 0.0,
+            "best_iou": float(np.mean(best)) if best else 0.0,
+            "stored": name not in run,
+        }
     return MaskAPResult(scores, source, split, len(ground_truth))
 
 
