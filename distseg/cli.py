@@ -72,7 +72,7 @@ def mine(
         "--input",
         "-i",
         help="images: a folder (recursive), a glob, an s3:// / gs:// URI, or a data source "
-        "(labeled:PATH, voc:PATH, coco:PATH, msrc: the images of its data.split)",
+        "(labeled:PATH, voc:PATH, coco:PATH, msrc, davis: the images of its data.split)",
     ),
     output: str = typer.Option(
         ..., "--output", "-o", help="where shards/, errors/ and _manifest.json go (local or s3:// / gs://)"
@@ -290,6 +290,54 @@ def distill_cluster(
             f"(pixel accuracy {h['pixel_accuracy']:.4f}), majority mIoU {m['miou']:.4f}, "
             f"{c.scores['images']} images"
         )
+
+
+@distill_app.command("ap")
+def distill_ap(
+    data: str = typer.Option(..., "--data", "-d", help="shards holding the mask proposals (a `distseg mine` output)"),
+    dataset: str | None = typer.Option(
+        None,
+        "--dataset",
+        help="the dataset whose instance masks are the ground truth: synthetic | davis | coco:PATH "
+        "(default: the data source the shards were mined from, else evaluate.data)",
+    ),
+    priors: str | None = typer.Option(
+        None,
+        "--priors",
+        help="comma list of mask priors, e.g. vit_masks,saliency,felzenszwalb_masks (default: every mask "
+        "prior stored in the shards; one that is not stored is run on the stored images)",
+    ),
+    split: str | None = typer.Option(
+        None,
+        "--split",
+        help="the dataset split the mined images are looked up in (default: all; synthetic: data.split)",
+    ),
+    track: bool = typer.Option(True, help="log the table to MLflow (tag stage=distill.ap) in the workdir's store"),
+    config: str = typer.Option("maskdistill_demo", "--config", "-c", help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (settings of the priors run here: priors.*)"),
+) -> None:
+    """Class-agnostic mask AP (pycocotools) of mined mask proposals against a dataset's instance masks.
+
+    area: mean mask area (share of the image); best IoU: mean over annotated objects of the best IoU any
+    mask reaches (extra masks do not lower it). Caveat: DAVIS-2016 annotates one object per frame, so a
+    mask on another, unannotated object counts as a false positive: AP there is a lower bound, meant for
+    comparing proposal kinds on the same frames."""
+    from distseg.distill.evaluate import evaluate_masks, log_mask_ap
+
+    cfg = resolve(config, overrides)
+    names = [p.strip() for p in priors.split(",") if p.strip()] if priors else None
+    with distill_errors():
+        r = evaluate_masks(cfg, data, dataset, names, split)
+    typer.echo(f"class-agnostic mask AP on {r.images} images of {r.dataset} (split {r.split}):")
+    typer.echo(f"{'prior':<20} {'masks/image':>11} {'area':>6} {'AP':>7} {'AP50':>7} {'AP75':>7} {'best IoU':>8}")
+    for name, a in r.scores.items():
+        how = "" if a["stored"] else "  (run on the stored images)"
+        typer.echo(
+            f"{name:<20} {a['masks_per_image']:>11.2f} {a['area']:>6.3f} {a['AP']:>7.3f} {a['AP50']:>7.3f} "
+            f"{a['AP75']:>7.3f} {a['best_iou']:>8.3f}{how}"
+        )
+    if track:
+        typer.echo(f"MLflow run {log_mask_ap(cfg, data, r)}")
 
 
 @distill_app.command("train")

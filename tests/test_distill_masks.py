@@ -341,36 +341,181 @@ def test_class_agnostic_mask_ap_known_answers():
     assert mask_ap({"a": [(wrong, 1.0)]}, {"a": instances}) == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
     with pytest.raises(ValueError, match="without ground truth"):
         mask_ap({"b": []}, {"a": instances})
+    from distseg.distill.evaluate import best_overlaps
+
+    shifted = np.roll(instances == 2, 4, axis=1)  # 16 x 12 overlap of two 16 x 16 squares: IoU 192 / 320
+    assert best_overlaps(half["a"] + [(shifted, 0.5)], instances) == [1.0, pytest.approx(0.6)]
+    assert best_overlaps([], instances) == [0.0, 0.0]
+
+
+def write_mined(root: Path, records: list, priors: list[str], input_uri: str = "") -> str:
+    """`records` (GroupingRecords) as one real Parquet shard with a manifest, as `distseg mine` writes them."""
+    import pyarrow as pa
+
+    from distseg.shards import encode_record, shard_schema
+
+    rows = [encode_record(record, "png") for record in records]
+    (root / "shards").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=shard_schema(priors)), root / "shards/p.parquet")
+    manifest = {"input": input_uri, "priors": priors, "rows": len(rows), "shards": [{"path": "shards/p.parquet"}]}
+    (root / "_manifest.json").write_text(json.dumps(manifest))
+    return str(root)
+
+
+def instance_masks(instances: np.ndarray) -> list:
+    from distseg.grouping.types import Mask
+
+    return [Mask(instances == k, 1.0) for k in np.unique(instances)[1:]]
+
+
+def synthetic_shards(root: Path, count: int = 4, size: int = 64) -> str:
+    """Synthetic scenes whose stored vit_masks are their ground-truth instances and whose stored
+    felzenszwalb_masks are empty; files named as distill.stage.synthetic_images writes them."""
+    from distseg.data.synthetic import make_scene
+    from distseg.grouping.types import PriorOutput
+    from distseg.shards import GroupingRecord
+
+    records = []
+    for i in range(count):
+        scene = make_scene(i, size, seed=0, split="train")
+        priors = {"vit_masks": PriorOutput(masks=instance_masks(scene.instances)), "felzenszwalb_masks": PriorOutput()}
+        uri = f"file:///images/synthetic_train_{i:05d}.png"
+        records.append(GroupingRecord(f"id{i}", uri, scene.image, priors))
+    return write_mined(root, records, ["vit_masks", "felzenszwalb_masks"])
 
 
 def test_synthetic_mask_ap_of_oracle_masks_is_one_and_saliency_is_scored(tmp_path):
     """The shard -> scene -> instances path: ground-truth instances stored as vit_masks score AP 1;
-    the saliency baseline, run on the same stored images, is scored on the same ground truth."""
-    import pyarrow as pa
-
-    from distseg.data.synthetic import make_scene
-    from distseg.distill.evaluate import evaluate_synthetic_masks
-    from distseg.grouping.types import Mask, PriorOutput
-    from distseg.shards import GroupingRecord, encode_record, shard_schema
-
-    rows = []
-    for i in range(4):
-        scene = make_scene(i, 64, seed=0, split="train")
-        masks = [Mask(scene.instances == k, 1.0) for k in np.unique(scene.instances)[1:]]
-        uri = f"file:///images/synthetic_train_{i:05d}.png"
-        rows.append(
-            encode_record(GroupingRecord(f"id{i}", uri, scene.image, {"vit_masks": PriorOutput(masks=masks)}), "png")
-        )
-    (tmp_path / "shards").mkdir()
-    pq.write_table(pa.Table.from_pylist(rows, schema=shard_schema(["vit_masks"])), tmp_path / "shards/p.parquet")
-    manifest = {"priors": ["vit_masks"], "rows": 4, "shards": [{"path": "shards/p.parquet", "rows": 4}]}
-    (tmp_path / "_manifest.json").write_text(json.dumps(manifest))
+    the saliency baseline, not in the shards, is run on the same stored images and scored on the same
+    ground truth."""
     from distseg.config import load_config
+    from distseg.distill.evaluate import evaluate_masks
 
     cfg = load_config("maskdistill_demo", ["data.image_size=64", "seed=0"])
-    ap = evaluate_synthetic_masks(cfg, str(tmp_path))
-    assert ap["vit_masks"]["AP"] == pytest.approx(1.0)
-    assert 0 <= ap["saliency"]["AP"] < 0.9
+    result = evaluate_masks(cfg, synthetic_shards(tmp_path), "synthetic", ["vit_masks", "saliency"], split="train")
+    ap = result.scores
+    assert ap["vit_masks"]["AP"] == pytest.approx(1.0) and ap["vit_masks"]["stored"]
+    assert 0 <= ap["saliency"]["AP"] < 0.9 and not ap["saliency"]["stored"]
+    assert ap["saliency"]["masks_per_image"] <= 1  # one foreground mask per image
+    assert (result.dataset, result.split, result.images) == ("synthetic", "train", 4)
+
+
+def test_mask_ap_scores_every_stored_mask_prior_from_its_stored_masks(tmp_path):
+    """Default priors = the stored mask priors: perfect stored masks give 1.0 at every threshold, the
+    stored (empty) felzenszwalb_masks give 0.0 -- it is read, not recomputed (which would find regions).
+    The dataset defaults to evaluate.data (synthetic in maskdistill_demo), its split to data.split."""
+    from distseg.config import load_config
+    from distseg.data.synthetic import make_scene
+    from distseg.distill.evaluate import evaluate_masks
+
+    cfg = load_config("maskdistill_demo", ["data.image_size=64", "seed=0"])
+    assert cfg.evaluate.data == "synthetic"
+    result = evaluate_masks(cfg, synthetic_shards(tmp_path))
+    assert list(result.scores) == ["vit_masks", "felzenszwalb_masks"] and result.split == "train"
+    perfect, empty = result.scores["vit_masks"], result.scores["felzenszwalb_masks"]
+    assert (perfect["AP"], perfect["AP50"], perfect["AP75"]) == pytest.approx((1.0, 1.0, 1.0))
+    objects = sum(len(np.unique(make_scene(i, 64, seed=0).instances)) - 1 for i in range(4))
+    assert perfect["masks_per_image"] == pytest.approx(objects / 4)
+    assert perfect["best_iou"] == pytest.approx(1.0)
+    assert (empty["AP"], empty["AP50"], empty["AP75"], empty["masks_per_image"]) == (0.0, 0.0, 0.0, 0.0)
+    assert (empty["area"], empty["best_iou"]) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="not mask priors"):
+        evaluate_masks(cfg, str(tmp_path), priors=["ucm"])
+
+
+DAVIS = SHARED_DATA / "davis2016"
+
+
+def davis_frames(count: int = 3) -> list[Path]:
+    frames = sorted((DAVIS / "JPEGImages" / "480p" / "blackswan").glob("*.jpg"))[:count]
+    if len(frames) < count:
+        pytest.skip(f"DAVIS-2016 absent under {DAVIS} (../shared/data/davis2016, or $DISTSEG_DATA_ROOT)")
+    return frames
+
+
+def test_davis_records_are_scored_against_their_annotation(tmp_path):
+    """Real DAVIS frames, stored at half size under ids that are not DAVIS's: each record is found by
+    its file through the registry's davis reader, its annotation resized to the stored image; a mask
+    equal to the (resized) annotation scores AP50 1, the inverted mask 0, a mask of a different frame's
+    annotation less. The dataset defaults to the one the manifest names as mined (`--input davis`).
+    Then the CLI verb prints the table and logs it to MLflow."""
+    from typer.testing import CliRunner
+
+    from distseg.cli import app
+    from distseg.config import load_config
+    from distseg.data.imageio import read_image, read_label_png
+    from distseg.distill.evaluate import evaluate_masks
+    from distseg.grouping.types import Mask, PriorOutput
+    from distseg.shards import GroupingRecord
+
+    records = []
+    frames = davis_frames(3)
+    for n, frame in enumerate(frames):
+        image = read_image(frame)
+        half = cv2.resize(image, (image.shape[1] // 2, image.shape[0] // 2), interpolation=cv2.INTER_AREA)
+        annotation = read_label_png(DAVIS / "Annotations" / "480p" / "blackswan" / f"{frame.stem}.png") >= 128
+        truth = cv2.resize(annotation.astype(np.uint8), half.shape[1::-1], interpolation=cv2.INTER_NEAREST) > 0
+        other = read_label_png(DAVIS / "Annotations" / "480p" / "blackswan" / "00040.png") >= 128
+        other = cv2.resize(other.astype(np.uint8), half.shape[1::-1], interpolation=cv2.INTER_NEAREST) > 0
+        priors = {
+            "vit_masks": PriorOutput(masks=[Mask(truth, 0.9)]),
+            "saliency": PriorOutput(masks=[Mask(~truth, 0.9)]),
+            "felzenszwalb_masks": PriorOutput(masks=[Mask(other, 0.9)]),
+        }
+        records.append(GroupingRecord(f"frame{n}", str(frame.resolve()), half, priors))
+    data = write_mined(tmp_path / "mined", records, ["vit_masks", "saliency", "felzenszwalb_masks"], "davis")
+    cfg = load_config("maskdistill", [f"workdir={tmp_path}"])
+    assert cfg.evaluate.data != "davis"
+    result = evaluate_masks(cfg, data)  # the dataset: the source the manifest says was mined
+    assert (result.images, result.dataset, result.split) == (3, "davis", "all")
+    assert result.scores["vit_masks"]["AP50"] == pytest.approx(1.0)
+    assert result.scores["vit_masks"]["AP"] > 0.9  # nearest-neighbour resizing of the same mask: IoU ~ 1
+    assert result.scores["vit_masks"]["best_iou"] > 0.9
+    assert result.scores["saliency"]["AP50"] == 0.0 and result.scores["saliency"]["best_iou"] == 0.0  # disjoint
+    assert result.scores["saliency"]["area"] > 0.5 > result.scores["vit_masks"]["area"]  # a swan, and not it
+    assert result.scores["felzenszwalb_masks"]["AP"] < result.scores["vit_masks"]["AP"]
+
+    args = ["distill", "ap", "--config", "maskdistill", "--data", data, "--dataset", "davis"]
+    out = CliRunner().invoke(app, [*args, "--priors", "vit_masks,saliency", f"workdir={tmp_path}"])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    assert "3 images of davis (split all)" in lines[0]
+    row = next(line for line in lines if line.startswith("vit_masks")).split()
+    vit = result.scores["vit_masks"]
+    columns = ["masks_per_image", "area", "AP", "AP50", "AP75", "best_iou"]  # the printed order
+    assert row[1:] == [f"{vit[k]:.2f}" if k == "masks_per_image" else f"{vit[k]:.3f}" for k in columns]
+    assert row[1] == "1.00" and row[4] == "1.000"  # one mask per frame; AP50
+    assert not any(line.startswith("felzenszwalb_masks") for line in lines)
+    from mlflow.tracking import MlflowClient
+
+    from distseg.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(tmp_path))
+    run = client.get_run(lines[-1].split()[-1])
+    assert run.data.tags["stage"] == "distill.ap" and run.data.metrics["vit_masks_AP50"] == pytest.approx(1.0)
+
+
+def test_mask_ap_names_the_image_when_the_dataset_has_no_instances(tmp_path):
+    """MSRC-like data (a labelled folder: classes, no instances) cannot score class-agnostic mask AP:
+    the error names the mined image and the dataset; an image of no split of the dataset is named too."""
+    from data_layouts import make_labeled, scene
+
+    from distseg.config import load_config
+    from distseg.distill.evaluate import evaluate_masks
+    from distseg.grouping.types import PriorOutput
+    from distseg.shards import GroupingRecord
+
+    ids = make_labeled(tmp_path / "msrc_like", n=2)
+    path = (tmp_path / "msrc_like" / "images" / f"{ids[1]}.png").resolve()
+    record = GroupingRecord(ids[1], str(path), scene(1)[0], {"saliency": PriorOutput(masks=[])})
+    data = write_mined(tmp_path / "mined", [record], ["saliency"])
+    cfg = load_config("maskdistill_demo")
+    with pytest.raises(ValueError, match=f"{ids[1]}.*has no instance ground truth.*davis"):
+        evaluate_masks(cfg, data, f"labeled:{tmp_path / 'msrc_like'}")
+    stranger = GroupingRecord("elsewhere", "/nowhere/else.png", scene(1)[0], {"saliency": PriorOutput(masks=[])})
+    data = write_mined(tmp_path / "mined2", [stranger], ["saliency"])
+    with pytest.raises(ValueError, match="/nowhere/else.png .* is not an image of labeled"):
+        evaluate_masks(cfg, data, f"labeled:{tmp_path / 'msrc_like'}")
 
 
 def test_kmeans_recovers_separated_groups_and_leaves_the_input():

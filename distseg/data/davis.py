@@ -10,7 +10,8 @@ A split is read from `<split>_sequences.txt`, or else from the original DAVIS `<
 "/JPEGImages/480p/<seq>/00000.jpg /Annotations/480p/<seq>/00000.png"); split "all" is every
 sequence folder. The shared copy has only `val` (blackswan, car-shadow, drift-chicane, kite-surf).
 Ids are "<seq>/<frame>" ("blackswan/00000"); labels are uint8 0/1 (mask >= 128; > 0 for 0/1 masks),
-instances the same as int32; `meta` has "sequence" and "frame" (int).
+instances the same as int32 (one object per frame: DAVIS-2016 annotates only the main object, so
+other objects in a frame are background); `meta` has "sequence" and "frame" (int).
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ class DAVIS2016(Dataset):
 
     def ids(self) -> list[str]:
         return list(self._ids)
+
+    def image_files(self) -> dict[str, str]:
+        """id -> frame file (what `distseg mine --input davis` mines, and how a mined frame is found again)."""
+        return {image_id: str(self._frames_dir / f"{image_id}.jpg") for image_id in self._ids}
 
     def sequences(self) -> list[str]:
         """The split's sequence names, in listing order."""

@@ -90,9 +90,10 @@ def distill_masks(cfg: Config, data: str, input_uri: str | None = None, output: 
     clustered = cluster_masks(cfg, summary.output, output)
     ap = None
     if synthetic:
-        from distseg.distill.evaluate import evaluate_synthetic_masks
+        from distseg.distill.evaluate import evaluate_masks
 
-        ap = evaluate_synthetic_masks(cfg, summary.output)
+        # the split synthetic_images writes; saliency, not mined here, is run on the stored images
+        ap = evaluate_masks(cfg, summary.output, "synthetic", ["vit_masks", "saliency"], split="train").scores
     return DistillSummary(
         params.checkpoint, summary.mined, summary.errors, summary.seconds, summary.output, clustered, ap
     )
