@@ -327,7 +327,7 @@ def distill_ap(
     cfg = resolve(config, overrides)
     names = [p.strip() for p in priors.split(",") if p.strip()] if priors else None
     with distill_errors():
-        r = evaluate_masks(cfg, data, dataset, names, split)
+        r = evaluate_masks(cfg, data, dataset, names, split, progress=True)
     typer.echo(f"class-agnostic mask AP on {r.images} images of {r.dataset} (split {r.split}):")
     typer.echo(f"{'prior':<20} {'masks/image':>11} {'area':>6} {'AP':>7} {'AP50':>7} {'AP75':>7} {'best IoU':>8}")
     for name, a in r.scores.items():

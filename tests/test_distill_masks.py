@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import cv2
@@ -479,7 +480,8 @@ def test_davis_records_are_scored_against_their_annotation(tmp_path):
     out = CliRunner().invoke(app, [*args, "--priors", "vit_masks,saliency", f"workdir={tmp_path}"])
     assert out.exit_code == 0, out.output
     lines = out.output.splitlines()
-    assert "3 images of davis (split all)" in lines[0]
+    assert "class-agnostic mask AP on 3 images of davis (split all):" in out.output
+    assert re.search(r"mask AP: (100%\S* )?3(/3)? ?img", out.output), out.output  # the progress bar, 3 images
     row = next(line for line in lines if line.startswith("vit_masks")).split()
     vit = result.scores["vit_masks"]
     columns = ["masks_per_image", "area", "AP", "AP50", "AP75", "best_iou"]  # the printed order
@@ -491,7 +493,7 @@ def test_davis_records_are_scored_against_their_annotation(tmp_path):
     from distseg.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri(tmp_path))
-    run = client.get_run(lines[-1].split()[-1])
+    run = client.get_run(re.search(r"^MLflow run (\w+)$", out.output, re.M).group(1))
     assert run.data.tags["stage"] == "distill.ap" and run.data.metrics["vit_masks_AP50"] == pytest.approx(1.0)
 
 

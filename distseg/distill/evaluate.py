@@ -192,13 +192,15 @@ def truth_source(cfg, manifest: dict, dataset: str | None, split: str | None) ->
 
 
 def evaluate_masks(
-    cfg, data_uri: str, dataset: str | None = None, priors=None, split: str | None = None
+    cfg, data_uri: str, dataset: str | None = None, priors=None, split: str | None = None, progress: bool = False
 ) -> MaskAPResult:
     """Class-agnostic mask AP of mask priors on a `distseg mine` output against `dataset`'s instances.
 
     priors: mask priors (default: every mask prior stored in the shards); a prior that is not stored is
-    run on the stored images with cfg's settings (a baseline). dataset / split: see truth_source."""
+    run on the stored images with cfg's settings (a baseline). dataset / split: see truth_source.
+    progress: a progress bar over the images (the CLI's)."""
     import pyarrow.parquet as pq
+    from tqdm import tqdm
 
     from distseg.distill.cluster import read_manifest
     from distseg.grouping.priors import PRIORS, create_prior, prior_yields
@@ -222,13 +224,17 @@ def evaluate_masks(
     predictions: dict[str, dict] = {name: {} for name in names}
     ground_truth = {}
     fs, root_path = resolve_uri(data_uri)
-    for entry in manifest["shards"]:
-        for row in pq.read_table(f"{root_path}/{entry['path']}", filesystem=fs).to_pylist():
-            record = decode_record(row, [n for n in names if n in stored])
-            ground_truth[record.image_id] = truth.instances(record.image_id, record.uri, record.image.shape[:2])
-            for name in names:
-                out = run[name](record.image) if name in run else record.priors.get(name)
-                predictions[name][record.image_id] = [(m.mask, m.score) for m in (out.masks if out else [])]
+    total = sum(int(entry.get("rows", 0)) for entry in manifest["shards"]) or None
+    with tqdm(total=total, desc="mask AP", unit="img", disable=not progress) as bar:
+        for entry in manifest["shards"]:
+            for row in pq.read_table(f"{root_path}/{entry['path']}", filesystem=fs).to_pylist():
+                record = decode_record(row, [n for n in names if n in stored])
+                shape = record.image.shape[:2]
+                ground_truth[record.image_id] = truth.instances(record.image_id, record.uri, shape)
+                for name in names:
+                    out = run[name](record.image) if name in run else record.priors.get(name)
+                    predictions[name][record.image_id] = [(m.mask, m.score) for m in (out.masks if out else [])]
+                bar.update(1)
     if not ground_truth:
         raise ValueError(f"{data_uri}: the shards hold no images")
     scores = {}
