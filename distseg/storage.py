@@ -46,11 +46,39 @@ def read_text(location: str) -> str | None:
         return f.read().decode()
 
 
+def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write a file whole or not at all: on a local disk through a temporary name and a rename (a crash
+    mid-write leaves the old file, or none, never half of one); object stores publish a put atomically."""
+    folder, name = path.rsplit("/", 1)
+    fs.create_dir(folder, recursive=True)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    tmp = f"{folder}/.{name}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
+
+
+def write_parquet(table, fs: pafs.FileSystem, path: str) -> None:
+    """A Parquet file (zstd) written whole or not at all, as write_bytes: readers never see half a shard."""
+    import pyarrow.parquet as pq
+
+    folder, name = path.rsplit("/", 1)
+    fs.create_dir(folder, recursive=True)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        pq.write_table(table, path, filesystem=fs, compression="zstd")
+        return
+    tmp = f"{folder}/.{name}.tmp"
+    pq.write_table(table, tmp, filesystem=fs, compression="zstd")
+    fs.move(tmp, path)
+
+
 def write_text(location: str, text: str) -> None:
+    """A text file at a local path or URI, written whole or not at all (write_bytes)."""
     fs, path = resolve_uri(location)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode())
+    write_bytes(fs, path, text.encode())
 
 
 def list_files(location: str, suffix: str = "") -> list[str]:

@@ -78,3 +78,29 @@ def test_relabel_consecutive_and_bounded():
     assert relabel(labels).tolist() == [[0, 0, 1], [1, 2, 0]]
     with pytest.raises(ValueError, match="256 regions"):
         relabel(np.arange(256).reshape(16, 16))
+
+
+def test_a_failed_write_leaves_the_previous_file_whole(tmp_path):
+    """Manifests, shards and centroids go through storage.write_bytes / write_parquet: a write that dies
+    midway leaves the file as it was (a temporary name, then a rename), never half of one."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from distseg.storage import write_bytes, write_parquet, write_text
+
+    fs, manifest = pafs.LocalFileSystem(), str(tmp_path / "out" / "_manifest.json")
+    write_text(manifest, '{"rows": 4}')
+    with pytest.raises(TypeError):
+        write_bytes(fs, manifest, object())  # dies while writing
+    assert (tmp_path / "out" / "_manifest.json").read_text() == '{"rows": 4}'
+
+    shard = str(tmp_path / "out" / "shards" / "part-0.parquet")
+    write_parquet(pa.table({"id": ["a", "b"]}), fs, shard)
+    bad = pa.table({"id": pa.array([pa.MonthDayNano([1, 2, 3])], pa.month_day_nano_interval())})
+    with pytest.raises(NotImplementedError):  # no Parquet type: fails after the file is opened
+        write_parquet(bad, fs, shard)  # (pq.write_table on the shard itself deletes it here)
+    assert pq.read_table(shard).column("id").to_pylist() == ["a", "b"]
+    assert sorted(p.name for p in (tmp_path / "out" / "shards").iterdir() if not p.name.startswith(".")) == [
+        "part-0.parquet"
+    ]

@@ -22,6 +22,7 @@ k-means (spherical k-means, as for [CLS] tokens usually); empty rows (no masks) 
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from distseg.config import Config
 from distseg.distill.versions import ChunkReader, fresh_output, map_chunks, write_version
 from distseg.mining.listing import resolve_uri
 from distseg.mining.manifest import MANIFEST
+from distseg.storage import write_bytes
 
 FEATURE_SCHEMA = pa.schema([("image_id", pa.string()), ("mask_index", pa.int32()), ("feature", pa.list_(pa.float32()))])
 
@@ -206,8 +208,9 @@ def cluster_masks(
         "distill.cluster",
         {"cluster": cluster_entry},
     )
-    with out_fs.open_output_stream(f"{out_root}/centroids.npy") as f:
-        np.save(f, centroids)
+    buffer = io.BytesIO()
+    np.save(buffer, centroids)
+    write_bytes(out_fs, f"{out_root}/centroids.npy", buffer.getvalue())
     summary = ClusterSummary(
         output=output_uri,
         images=len(set(ids)),

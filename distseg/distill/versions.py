@@ -6,7 +6,8 @@
     manifest = write_version(manifest, data_uri, output_uri, rewrite, stage, extra)
 
 `write_version` rewrites each parent shard through `rewrite(table) -> table` under the same file name
-(a temporary name, then a rename, as mining writes), copies the errors table, and writes a manifest
+(storage.write_parquet: a temporary name, then a rename, as mining writes), copies the errors table,
+and writes a manifest
 with `version` = parent's + 1, `parent` (path, version, config hash), `stage` and the stage's entry.
 `distseg distill cluster` (pseudo classes) and `distseg distill confident` (pseudo label maps) use it.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from distseg.mining.listing import ERRORS, SHARDS, resolve_uri
 from distseg.mining.manifest import MANIFEST
+from distseg.storage import absolute, write_bytes, write_parquet
 
 CHUNK = 4  # shard rows per actor call
 
@@ -36,8 +37,8 @@ def fresh_output(output_uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def absolute_uri(uri: str) -> str:
-    """A local path made absolute (actors run in another working directory); URIs unchanged."""
-    return uri.rstrip("/") if "://" in uri else str(Path(uri).resolve())
+    """storage.absolute, without a trailing '/' (chunk paths are joined onto it)."""
+    return absolute(uri.rstrip("/")) or uri
 
 
 def row_chunks(manifest: dict, data_uri: str, size: int = CHUNK) -> list[dict]:
@@ -100,9 +101,8 @@ def write_version(
     for entry in manifest["shards"]:
         name = entry["path"].rsplit("/", 1)[-1]
         table = rewrite(pq.read_table(f"{root}/{entry['path']}", filesystem=fs))
-        tmp, final = f"{out_root}/{SHARDS}/.{name}.tmp", f"{out_root}/{SHARDS}/{name}"
-        pq.write_table(table, tmp, filesystem=out_fs, compression="zstd")
-        out_fs.move(tmp, final)
+        final = f"{out_root}/{SHARDS}/{name}"
+        write_parquet(table, out_fs, final)
         shards.append({"path": f"{SHARDS}/{name}", "rows": table.num_rows, "bytes": out_fs.get_file_info(final).size})
     if fs.get_file_info(f"{root}/{ERRORS}").type == pafs.FileType.Directory:
         out_fs.create_dir(f"{out_root}/{ERRORS}", recursive=True)
@@ -117,6 +117,5 @@ def write_version(
         "shards": shards,
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    with out_fs.open_output_stream(f"{out_root}/{MANIFEST}") as f:
-        f.write(json.dumps(new_manifest, indent=2).encode())
+    write_bytes(out_fs, f"{out_root}/{MANIFEST}", json.dumps(new_manifest, indent=2).encode())
     return new_manifest

@@ -12,6 +12,7 @@ from distseg.config import Config
 from distseg.core.constants import SHARD_SCHEMA_VERSION
 from distseg.mining.listing import ERRORS, SHARDS, read_ids, resolve_uri
 from distseg.shards import config_hash
+from distseg.storage import write_bytes
 
 MANIFEST = "_manifest.json"
 
@@ -44,6 +45,5 @@ def write_manifest(cfg: Config, input_uri: str, output_uri: str, inputs: dict[st
         "shards": shards,
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    with fs.open_output_stream(f"{root}/{MANIFEST}") as f:
-        f.write(json.dumps(manifest, indent=2).encode())
+    write_bytes(fs, f"{root}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
     return manifest

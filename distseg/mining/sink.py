@@ -6,10 +6,9 @@ import time
 import uuid
 
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from distseg.mining.listing import ERRORS, SHARDS, resolve_uri
+from distseg.storage import write_parquet
 
 ERROR_SCHEMA = pa.schema(
     [
@@ -59,7 +58,7 @@ class ShardSink:
         fs, root = resolve_uri(self.output_uri)
         name = f"part-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
         if ok.num_rows:
-            self._atomic_write(fs, ok.select(self.schema.names).cast(self.schema), f"{root}/{SHARDS}", name)
+            write_parquet(ok.select(self.schema.names).cast(self.schema), fs, f"{root}/{SHARDS}/{name}")
         if bad.num_rows:
             errors = pa.table(
                 {
@@ -71,15 +70,5 @@ class ShardSink:
                 },
                 schema=ERROR_SCHEMA,
             )
-            self._atomic_write(fs, errors, f"{root}/{ERRORS}", name)
+            write_parquet(errors, fs, f"{root}/{ERRORS}/{name}")
         return {"rows": ok.num_rows, "errors": bad.num_rows}
-
-    @staticmethod
-    def _atomic_write(fs: pafs.FileSystem, table: pa.Table, folder: str, name: str) -> None:
-        fs.create_dir(folder, recursive=True)
-        if isinstance(fs, pafs.LocalFileSystem):
-            tmp = f"{folder}/.{name}.tmp"
-            pq.write_table(table, tmp, filesystem=fs, compression="zstd")
-            fs.move(tmp, f"{folder}/{name}")  # rename: a reader never sees half a shard
-        else:  # object stores publish a put atomically
-            pq.write_table(table, f"{folder}/{name}", filesystem=fs, compression="zstd")
