@@ -11,7 +11,8 @@ For one image with [CLS]-to-patch affinities a_cls (P,) and patch affinities A (
    (`source_component`). The paper's text does not name this step; its reference code does it
    (MaskDistill `gen_masks.py`, `mask_generator`: scipy.ndimage.label, the source's label; LOST
    `object_discovery.py`, `detect_box`). Measured on 39 DAVIS-2016 frames with distseg's own
-   ViT-S/16 (README), it shrinks the first `kk` mask from 0.38 to 0.24 of the frame;
+   ViT-S/16 (README), it shrinks the `kk` masks from 0.507 to 0.393 of the frame on average and
+   raises the best IoU with the annotated object from 0.082 to 0.112;
 6. nearest-neighbour upsampling of the patch mask to the image.
 
 A is the key-key similarity by default (distseg.distill.affinity, `affinity`).
