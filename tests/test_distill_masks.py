@@ -23,7 +23,7 @@ import torch
 from pycocotools import mask as coco_mask
 
 from distseg.distill.affinity import AFFINITY_SOURCES, Affinity, AffinitySource, affinities_from_qkv, vit_source
-from distseg.distill.masks import grow_mask, mask_box, propose_masks, select_proposals
+from distseg.distill.masks import grow_mask, mask_box, propose_masks, select_proposals, source_component
 from distseg.models.vit import create_vit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,9 +82,17 @@ def test_affinities_from_qkv_known_answer():
     q = np.array([[1, 3], [2, 0], [0, 1]], np.float32)  # rows: tokens; columns: heads
     k = np.array([[0, 0], [1, 1], [-1, 3]], np.float32)
     qkv = torch.from_numpy(np.concatenate([q, k, np.zeros_like(q)], 1))  # (N, 3 * C), C = heads * 1
-    aff = affinities_from_qkv(qkv, num_heads=2, num_prefix=1)
+    aff = affinities_from_qkv(qkv, num_heads=2, num_prefix=1, affinity="qk")
     assert np.allclose(aff.a_cls, [2.0, 4.0])  # (1*1 + 3*1) / 2, (1*-1 + 3*3) / 2
     assert np.allclose(aff.A, [[1.0, -1.0], [0.5, 1.5]])  # not symmetric: queries against keys
+    # kk (the default, the reference code): patch keys (1, 1), (-1, 3): [[(1+1)/2, (-1+3)/2], [., (1+9)/2]]
+    kk = affinities_from_qkv(qkv, num_heads=2, num_prefix=1)
+    assert np.allclose(kk.A, [[1.0, 1.0], [1.0, 5.0]]) and np.allclose(kk.a_cls, aff.a_cls)
+    # kk_centered: per-head mean patch key (0, 2) -> centred keys (1, -1), (-1, 1)
+    centred = affinities_from_qkv(qkv, num_heads=2, num_prefix=1, affinity="kk_centered")
+    assert np.allclose(centred.A, [[1.0, -1.0], [-1.0, 1.0]])
+    with pytest.raises(ValueError, match="priors.vit_masks.affinity: 'vq'"):
+        affinities_from_qkv(qkv, num_heads=2, affinity="vq")
     # [CLS] softmax attention (scale 1/sqrt(1)): head 0 logits (0, 1, -1), head 1 (0, 3, 9); patches only
     h0, h1 = np.exp([0, 1, -1]) / np.exp([0, 1, -1]).sum(), np.exp([0, 3, 9]) / np.exp([0, 3, 9]).sum()
     expected = ((h0 + h1) / 2)[1:]
@@ -93,6 +101,49 @@ def test_affinities_from_qkv_known_answer():
         affinities_from_qkv(qkv, num_heads=2, num_prefix=0)
     with pytest.raises(ValueError, match="3 \\* heads"):
         affinities_from_qkv(qkv[:, :5], num_heads=2)
+
+
+def offset_tokens(shift: float) -> torch.Tensor:
+    """qkv of 1 head, width 2: [CLS] + a 2 x 2 grid whose top row {0, 1} is one object (keys (1, 0)) and
+    bottom row the background (keys (-1, 0)); every key (the [CLS] key too) is shifted by (0, shift)."""
+    q = np.array([[1, 0], [1, 1], [1, 1], [-1, 1], [-1, 1]], np.float32)
+    k = np.array([[0, 0], [1, 0], [1, 0], [-1, 0], [-1, 0]], np.float32) + np.array([0, shift], np.float32)
+    return torch.from_numpy(np.concatenate([q, k, np.zeros_like(q)], 1))
+
+
+@pytest.mark.parametrize("affinity", ["qk", "kk", "kk_centered"])
+def test_a_shared_key_offset_moves_qk_and_kk_but_not_the_attention_or_kk_centered(affinity):
+    """Adding one vector c to every key adds q_i . c to row i of the logits: the softmax attention and
+    A_cls's ranking do not move, but q_i . k_j does (here by +3 on every entry, so the q . k mask grows
+    over the whole grid) and so does k_i . k_j (by c . (k_i + k_j) + |c|^2); centred keys do not."""
+    masks = {}
+    for shift in (0.0, 3.0):
+        aff = affinities_from_qkv(offset_tokens(shift), num_heads=1, affinity=affinity)
+        aff.grid = (2, 2)
+        assert np.allclose(aff.cls_attention, [0.5, 0.5, 0.0, 0.0], atol=0.2)  # [CLS] attends the object
+        masks[shift] = propose_masks(aff, top_k=0.5, max_masks=1)[0].mask.tolist()
+        assert select_proposals(aff.a_cls, 0.5).tolist() == [0, 1]
+    base = affinities_from_qkv(offset_tokens(0.0), num_heads=1, affinity=affinity)
+    moved = affinities_from_qkv(offset_tokens(3.0), num_heads=1, affinity=affinity)
+    assert np.allclose(base.cls_attention, moved.cls_attention, atol=1e-6)  # the attention ignores c
+    assert masks[0.0] == [[True, True], [False, False]]  # without the offset every rule finds the object
+    if affinity == "kk_centered":
+        assert np.allclose(base.A, moved.A, atol=1e-5) and masks[3.0] == masks[0.0]
+    else:
+        assert masks[3.0] == [[True, True], [True, True]]  # the offset makes every affinity positive
+
+
+def test_source_component_keeps_the_connected_part_holding_the_source():
+    """The reference code's last step: of the grown mask, only the source's 4-connected component."""
+    mask = np.array([[1, 1, 0, 1], [0, 0, 0, 1], [1, 0, 1, 0]], bool).ravel()
+    assert source_component(mask, (3, 4), 0).reshape(3, 4).astype(int).tolist() == [
+        [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]
+    ]  # fmt: skip
+    assert source_component(mask, (3, 4), 7).reshape(3, 4)[:, 3].tolist() == [True, True, False]  # no diagonals
+    A = np.array([[1, -1, 1], [-1, 1, -1], [1, -1, 1]], np.float32)  # a 1 x 3 grid: patches 0 and 2 alike
+    aff = Affinity(np.array([0.9, 0.1, 0.5], np.float32), A, np.full(3, 1 / 3, np.float32), (1, 3))
+    assert propose_masks(aff, top_k=1.0, max_masks=1, component=False)[0].mask.tolist() == [[True, False, True]]
+    assert propose_masks(aff, top_k=1.0, max_masks=1)[0].mask.tolist() == [[True, False, False]]
 
 
 def test_top_k_proposals_and_source():
@@ -231,6 +282,26 @@ def test_vit_masks_prior_on_real_images(weights):
             assert (x, y, x + bw, y + bh) == (x0, y0, x1, y1)
             assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
     print(f"masks per image {np.mean(counts):.2f}; {np.mean(seconds):.3f} s per image on one core (short side 96)")
+
+
+def test_the_affinity_setting_reaches_the_prior(weights):
+    """priors.vit_masks.affinity picks A on a real image: kk (default) is symmetric, qk is not, and
+    kk_centered has zero row sums (centred keys); a bad value is refused naming the key."""
+    from distseg.grouping.priors import create_prior
+
+    image = real_images(1)[0]
+    found = {}
+    for affinity in ("kk", "qk", "kk_centered"):
+        extra = () if affinity == "kk" else (f"priors.vit_masks.affinity={affinity}",)
+        prior = create_prior("vit_masks", config(weights, "priors.vit_masks.short_side=64", *extra))
+        assert prior.source.affinity == affinity
+        found[affinity] = prior.source.affinities(image)
+    kk, qk, centred = found["kk"].A, found["qk"].A, found["kk_centered"].A
+    assert np.allclose(kk, kk.T, rtol=1e-4, atol=1e-4) and not np.allclose(qk, qk.T, rtol=1e-2, atol=1e-2)
+    assert np.allclose(centred.sum(1), 0, atol=1e-3 * np.abs(centred).max() * len(centred))
+    assert np.allclose(found["kk"].a_cls, found["qk"].a_cls)  # A_cls is q_cls . k whatever A is
+    with pytest.raises(Exception, match="priors.vit_masks.affinity"):
+        config(weights, "priors.vit_masks.affinity=vq")
 
 
 # ---------------------------------------------------------------- mining + clustering (Ray stages)

@@ -10,11 +10,36 @@ user gives; never downloaded) and `checkpoint` (a distseg checkpoint whose `mode
 backbone, `vit_tiny` / `vit_small`: the project's own pretrained network, no outside weights).
 
 A forward hook on the last block's `attn.qkv` captures queries and keys; `affinities_from_qkv` turns
-them into A_ij = mean over heads of q_i . k_j (the paper's dot product of query and key features,
-averaged over heads) for the [CLS] row (A_cls) and the patch block (A). The raw dot products are kept
-(no softmax): the mask growth tests their sign. `cls_attention` is the softmax attention of [CLS]
-over the patches, averaged over heads and renormalised over the patches: a distribution used only
-to score a mask (the share of [CLS] attention it holds).
+them into A_cls_j = mean over heads of q_cls . k_j (the [CLS] row: the proposals and the source) and
+the patch-to-patch matrix A whose sign the mask growth tests, chosen by `affinity` (AFFINITIES):
+
+- `kk` (default): A_ij = mean over heads of k_i . k_j, key-key similarity. This is what the reference
+  code computes although the paper's text reads as query-key: MaskDistill's `gen_masks.py`,
+  `mask_generator` (G_i = sum over heads of K_i K_i^T over the patch keys, raw keys, no centring or
+  normalisation; G_cls from Q @ K^T) and LOST's `main_lost.py` (`--which_features k`, default) with
+  `object_discovery.py`, `lost` (A = feats @ feats^T). The mean over heads instead of their sum does
+  not change any sign.
+- `qk`: A_ij = mean over heads of q_i . k_j, the paper's text read literally (distseg's earlier rule).
+  A_ij holds a per-query offset q_i . c for any vector c added to every key, which the softmax attention
+  ignores (a constant added to a row of logits), so its sign is not something the network was trained
+  to make meaningful. Measured with distseg's GPU-pretrained hiergroup ViT-S/16 on 39 DAVIS-2016
+  frames (`distseg distill ap`, README, MaskDistill part 1): mean mask area 0.914 of the frame and
+  best IoU 0.051 with `qk`, 0.507 / 0.082 with `kk`, 0.393 / 0.112 with `kk` plus the component step
+  of distseg.distill.masks, 0.285 / 0.110 with `kk_centered` plus that step (AP ~0 for all).
+  Centring the keys inside q . k does not rescue it (a one-off check on the same frames, not an
+  option: with q_i . (k_j - m) the first mask covered 0.985 of the frame, with `qk` 0.978), so the
+  sign of q . k is dominated by what all queries share, not only by the per-query offset.
+- `kk_centered`: A_ij = mean over heads of (k_i - m) . (k_j - m), m the mean patch key of the image
+  (per head). A departure from the reference code, offered because it is invariant to a shared key
+  offset (as the attention is) where `kk` is not; neither LOST nor MaskDistill centre the keys.
+
+The raw dot products are kept (no softmax): the mask growth tests their sign. A_cls's ranking does
+not depend on a shared key offset (it adds the same q_cls . c to every patch). Departures from
+`mask_generator` named here: A_cls averages all heads (the reference code averages the first
+`--heads 5` of ViT-S's 6) and is not multiplied by DINO's 50 %-attention-mass threshold (its comment:
+"for better visualization"). `cls_attention` is the softmax attention of [CLS] over the patches,
+averaged over heads and renormalised over the patches: a distribution used only to score a mask
+(the share of [CLS] attention it holds).
 """
 
 from __future__ import annotations
@@ -33,21 +58,30 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 AFFINITY_SOURCES: Registry[Callable[..., AffinitySource]] = Registry("affinity source")
+AFFINITIES = ("kk", "qk", "kk_centered")  # the patch-to-patch matrix A (module docstring); first: default
+
+
+def check_affinity(affinity: str) -> None:
+    if affinity not in AFFINITIES:
+        raise ValueError(f"priors.vit_masks.affinity: {affinity!r} is not one of {' | '.join(AFFINITIES)}")
 
 
 @dataclass
 class Affinity:
     a_cls: np.ndarray  # (P,) float32: [CLS]-to-patch affinities, mean over heads of q_cls . k_j
-    A: np.ndarray  # (P, P) float32: patch-to-patch affinities A_ij = mean over heads of q_i . k_j
+    A: np.ndarray  # (P, P) float32: patch-to-patch affinities (kk: mean over heads of k_i . k_j; see AFFINITIES)
     cls_attention: np.ndarray  # (P,) float32, sums to 1: softmax [CLS] attention over the patches
     grid: tuple[int, int]  # (h, w) patch grid, P = h * w
 
 
-def affinities_from_qkv(qkv: torch.Tensor, num_heads: int, num_prefix: int = 1, q_norm=None, k_norm=None) -> Affinity:
+def affinities_from_qkv(
+    qkv: torch.Tensor, num_heads: int, num_prefix: int = 1, q_norm=None, k_norm=None, affinity: str = "kk"
+) -> Affinity:
     """One image's qkv projection output (N, 3 * C) -> A_cls, A and the [CLS] attention over patches.
 
     Token 0 is [CLS]; tokens 1..num_prefix-1 (register tokens, if any) are dropped; the rest are
-    patches (grid set by the caller)."""
+    patches (grid set by the caller). `affinity` chooses A: kk | qk | kk_centered (module docstring)."""
+    check_affinity(affinity)
     if qkv.ndim != 2 or qkv.shape[1] % (3 * num_heads):
         raise ValueError(f"qkv must be (tokens, 3 * heads * head_dim) for {num_heads} heads, got {tuple(qkv.shape)}")
     if num_prefix < 1:
@@ -57,9 +91,14 @@ def affinities_from_qkv(qkv: torch.Tensor, num_heads: int, num_prefix: int = 1, 
     if q_norm is not None:
         q, k = q_norm(q), k_norm(k)
     logits = q @ k.transpose(-1, -2)  # (H, N, N): q_i . k_j per head
-    mean = logits.mean(0)
-    a_cls = mean[0, num_prefix:]
-    A = mean[num_prefix:, num_prefix:]
+    a_cls = logits[:, 0, num_prefix:].mean(0)
+    keys = k[:, num_prefix:]  # (H, P, d) patch keys
+    if affinity == "qk":
+        A = logits[:, num_prefix:, num_prefix:].mean(0)
+    else:
+        if affinity == "kk_centered":
+            keys = keys - keys.mean(1, keepdim=True)
+        A = (keys @ keys.transpose(-1, -2)).mean(0)
     scale = q.shape[-1] ** -0.5
     attention = torch.softmax(logits[:, 0, :] * scale, dim=-1).mean(0)[num_prefix:]
     attention = attention / attention.sum().clamp_min(1e-12)
@@ -100,8 +139,12 @@ def check_attention(vit: torch.nn.Module, name: str):
 class AffinitySource:
     """Wraps a timm ViT: affinities of one image, and pooled features of masked images."""
 
-    def __init__(self, vit: torch.nn.Module, name: str, short_side: int | None = 480, device: str = "cpu"):
+    def __init__(
+        self, vit: torch.nn.Module, name: str, short_side: int | None = 480, device: str = "cpu", affinity: str = "kk"
+    ):
+        check_affinity(affinity)
         self.name = name
+        self.affinity = affinity
         self.device = torch.device(device)
         self.vit = vit.eval().to(self.device)
         self.attn = check_attention(vit, name)
@@ -123,7 +166,7 @@ class AffinitySource:
         grid = (resized.shape[0] // self.patch, resized.shape[1] // self.patch)
         aff = affinities_from_qkv(
             self._qkv[0], self.attn.num_heads, self.prefix, getattr(self.attn, "q_norm", None),
-            getattr(self.attn, "k_norm", None),
+            getattr(self.attn, "k_norm", None), self.affinity,
         )  # fmt: skip
         if aff.a_cls.shape[0] != grid[0] * grid[1]:
             raise ValueError(f"{self.name}: {aff.a_cls.shape[0]} patch tokens for a {grid} grid")
@@ -165,7 +208,12 @@ class AffinitySource:
 
 @AFFINITY_SOURCES.register("vit")
 def vit_source(
-    model: str = "vit_small_patch16_224", weights: str | None = None, short_side: int | None = 480, device="cpu", **_
+    model: str = "vit_small_patch16_224",
+    weights: str | None = None,
+    short_side: int | None = 480,
+    device="cpu",
+    affinity: str = "kk",
+    **_,
 ) -> AffinitySource:
     """Any timm ViT by name with weights from a local file (DINO's ViT-S/16 in the paper).
 
@@ -182,16 +230,16 @@ def vit_source(
 
     if model not in timm.list_models():
         raise ValueError(f"priors.vit_masks.model: {model!r} is not a timm model")
-    return AffinitySource(create_vit(model, weights), f"vit:{model}", short_side, device)
+    return AffinitySource(create_vit(model, weights), f"vit:{model}", short_side, device, affinity)
 
 
 class CheckpointSource(AffinitySource):
     """A distseg checkpoint whose backbone is a ViT: affinities from its `backbone.vit`; its embedding
     (what hiergroup trained) is also available as the `embedding` feature for the clustering."""
 
-    def __init__(self, net: torch.nn.Module, name: str, short_side: int | None, device: str):
+    def __init__(self, net: torch.nn.Module, name: str, short_side: int | None, device: str, affinity: str = "kk"):
         self.net = net.eval().to(device)
-        super().__init__(net.backbone.vit, name, short_side, device)
+        super().__init__(net.backbone.vit, name, short_side, device, affinity)
 
     @torch.inference_mode()
     def pooled(self, image: np.ndarray, masks: list[np.ndarray], features: str = "embedding") -> np.ndarray:
@@ -212,7 +260,7 @@ class CheckpointSource(AffinitySource):
 
 @AFFINITY_SOURCES.register("checkpoint")
 def checkpoint_source(
-    checkpoint: str | None = None, short_side: int | None = 480, device="cpu", **_
+    checkpoint: str | None = None, short_side: int | None = 480, device="cpu", affinity: str = "kk", **_
 ) -> CheckpointSource:
     """A distseg checkpoint folder (model.pt + config.yaml) pretrained with a ViT backbone."""
     from distseg.checkpoint import load_embedding_model
@@ -231,4 +279,4 @@ def checkpoint_source(
             f"priors.vit_masks.checkpoint: {folder} has backbone {cfg.model.backbone!r}, which has no attention; "
             f"pretrain with model.backbone in {sorted(VIT_MODELS)}"
         )
-    return CheckpointSource(net, f"checkpoint:{folder.name}", short_side, device)
+    return CheckpointSource(net, f"checkpoint:{folder.name}", short_side, device, affinity)

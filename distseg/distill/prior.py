@@ -33,6 +33,12 @@ class VitMasksParams(Section):
     weights: str | None = Field(None, description="vit source: a local weights file (e.g. DINO ViT-S/16); required")
     checkpoint: str | None = Field(None, description="checkpoint source: a distseg checkpoint with a ViT backbone")
     short_side: int | None = Field(480, ge=16, description="resize the shorter side to this before the ViT")
+    affinity: str = Field(
+        "kk",
+        pattern="^(kk|qk|kk_centered)$",
+        description="patch affinity A whose sign grows the mask: kk (reference code) | qk (paper text) | kk_centered",
+    )
+    component: bool = Field(True, description="keep only the source's 4-connected component of the mask (ref. code)")
     top_k: float = Field(0.4, gt=0, le=1, description="fraction of patches kept as proposals by [CLS] affinity")
     max_masks: int = Field(3, ge=1, description="mask candidates per image (the paper: 1, then Mask R-CNN)")
     max_iou: float = Field(0.5, gt=0, le=1, description="drop a candidate overlapping an earlier one above this IoU")
@@ -66,6 +72,7 @@ def build_source(params: VitMasksParams):
         checkpoint=params.checkpoint,
         short_side=params.short_side,
         device=resolve_device(params.device),
+        affinity=params.affinity,
     )
 
 
@@ -83,7 +90,7 @@ class VitMasksPrior:
         aff = self.source.affinities(image)
         height, width = image.shape[:2]
         masks = []
-        for m in propose_masks(aff, p.top_k, p.max_masks, p.max_iou):
+        for m in propose_masks(aff, p.top_k, p.max_masks, p.max_iou, p.component):
             full = upsample(m.mask, height, width)
             if full.any():
                 masks.append(Mask(mask=full, score=min(1.0, max(0.0, m.score)), label=1))
