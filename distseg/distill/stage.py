@@ -33,9 +33,10 @@ def synthetic_images(cfg: Config) -> str:
     import cv2
 
     from distseg.data import open_dataset
+    from distseg.data.synthetic import scene_options
 
     folder = Path(cfg.workdir).resolve() / "synthetic" / "images"
-    dataset = open_dataset("synthetic", num_images=cfg.data.num_images, image_size=cfg.data.image_size, seed=cfg.seed)
+    dataset = open_dataset("synthetic", **scene_options(cfg))
     folder.mkdir(parents=True, exist_ok=True)
     for image_id in dataset.ids():
         path = folder / f"{image_id.replace('/', '_')}.png"

@@ -43,11 +43,12 @@ def synthetic_shards(cfg: Config) -> str:
     import cv2
 
     from distseg.data import open_dataset
+    from distseg.data.synthetic import scene_options
     from distseg.mining import mine
 
     workdir = Path(cfg.workdir).resolve()
     images, shards = workdir / "synthetic" / "images", workdir / "synthetic" / "mined"
-    dataset = open_dataset("synthetic", num_images=cfg.data.num_images, image_size=cfg.data.image_size, seed=cfg.seed)
+    dataset = open_dataset("synthetic", **scene_options(cfg))
     images.mkdir(parents=True, exist_ok=True)
     for image_id in dataset.ids():
         path = images / f"{image_id.replace('/', '_')}.png"
