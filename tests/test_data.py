@@ -343,6 +343,32 @@ def test_synthetic_bad_palette_names_the_key() -> None:
             make()
 
 
+def test_write_scenes_refuses_a_folder_of_other_scenes(tmp_path: Path) -> None:
+    """The PNGs pretraining and distill mine: the config's scenes, and an error (not stale scenes) when
+    the folder was made with another palette, size or seed."""
+    from distseg.config import load_config
+    from distseg.data.synthetic import write_scenes
+
+    settings = ["data.num_images=3", "data.image_size=32", "data.palette=shared", "seed=2"]
+    shared = load_config("demo", settings)
+    folder = tmp_path / "images"
+    assert write_scenes(shared, folder) == str(folder)
+    assert sorted(p.name for p in folder.glob("*.png")) == [f"synthetic_train_0000{i}.png" for i in range(3)]
+    assert np.array_equal(
+        read_image(folder / "synthetic_train_00001.png"), make_scene(1, 32, 2, palette="shared").image
+    )
+    write_scenes(shared, folder)  # same settings: fine, files kept
+    for override in ("data.palette=class", "data.image_size=48", "seed=0"):
+        other = load_config(
+            "demo", ["data.num_images=3", "data.image_size=32", "data.palette=shared", "seed=2", override]
+        )
+        with pytest.raises(ValueError, match=r"images holds synthetic scenes made with .*data\.palette"):
+            write_scenes(other, folder)
+    (folder / "scenes.json").unlink()  # a folder from before the palette: class scenes
+    with pytest.raises(ValueError, match="'palette': 'class'"):
+        write_scenes(shared, folder)
+
+
 # ---------------------------------------------------------------- synthetic video
 
 

@@ -34,8 +34,10 @@ Scene `i` of split `s` with seed `k` depends only on (k, s, i): any scene can be
 from __future__ import annotations
 
 import colorsys
+import json
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -231,6 +233,36 @@ def scene_options(cfg) -> dict:
     evaluation's synthetic splits see the same scenes."""
     d = cfg.data
     return {"num_images": d.num_images, "image_size": d.image_size, "seed": cfg.seed, "palette": d.palette}
+
+
+def write_scenes(cfg, folder: str | Path) -> str:
+    """Write the config's scenes (`scene_options`, the train split) as PNGs `synthetic_train_<i>.png`
+    into `folder`, once (existing files are kept), and return the folder.
+
+    The folder records the settings that decide the pixels (seed, image_size, palette) in
+    scenes.json; a folder made with other settings is an error rather than stale scenes for the
+    stages that mine it (a folder from before the palette existed holds "class" scenes)."""
+    folder = Path(folder)
+    options = scene_options(cfg)
+    pixels = {k: options[k] for k in ("seed", "image_size", "palette")}
+    stamp = folder / "scenes.json"
+    found = json.loads(stamp.read_text()) if stamp.is_file() else None
+    if found is None and any(folder.glob("synthetic_*.png")):
+        found = {**pixels, "palette": "class"}  # written before scenes.json: seed and size unknown
+    if found is not None and found != pixels:
+        raise ValueError(
+            f"{folder} holds synthetic scenes made with {found}, this config asks for {pixels} "
+            "(seed, data.image_size, data.palette): use another workdir, or delete that folder and the "
+            "shards mined from it"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(pixels))
+    dataset = SyntheticScenes(**options)
+    for image_id in dataset.ids():
+        path = folder / f"{image_id.replace('/', '_')}.png"
+        if not path.exists() and not cv2.imwrite(str(path), dataset[image_id].image[:, :, ::-1]):
+            raise OSError(f"could not write {path}")
+    return str(folder)
 
 
 @register_dataset("synthetic", builtin=True, takes=("num_images", "image_size", "seed", "palette"))
