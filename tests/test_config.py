@@ -2,7 +2,7 @@ import pytest
 from typer.testing import CliRunner
 
 from distseg.cli import app
-from distseg.config import ConfigError, build_config, flatten, load_config, parse_override, shipped_configs
+from distseg.config import ConfigError, DataConfig, build_config, flatten, load_config, parse_override, shipped_configs
 
 
 def test_shipped_demo_loads_with_its_values():
@@ -25,7 +25,8 @@ def test_synthetic_palette_reaches_every_stage_that_opens_the_scenes():
     from distseg.data.synthetic import scene_options
     from distseg.eval.evaluate import open_eval_dataset
 
-    assert load_config("demo").data.palette == "class"
+    assert DataConfig().palette == "class"  # the dataset's default: the colour-coded scenes
+    assert load_config("demo").data.palette == "shared" and load_config("maskdistill_demo").data.palette == "class"
     cfg = load_config("demo", ["data.palette=shared", "seed=3", "data.num_images=5"])
     assert scene_options(cfg) == {"num_images": 5, "image_size": 128, "seed": 3, "palette": "shared"}
     for split in ("train", "val"):
