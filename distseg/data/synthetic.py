@@ -3,7 +3,7 @@
 A scene is a textured, low-saturation background (class 0) with 2..6 objects from four classes.
 Each class has its own shape family and texture; where its colours come from is the `palette`:
 
-    class             palette "class"       texture
+    class       shape                hue ("class")        texture
     1 disc      filled ellipses      warm (red..yellow)   smooth directional shading
     2 box       rotated rectangles   blue                 stripes
     3 triangle  triangles            green                speckled noise
@@ -16,10 +16,11 @@ Each class has its own shape family and texture; where its colours come from is 
 - "shared": every object class draws its colour from one distribution (hue uniform over the whole
   circle, saturation 0.45..0.9, value 0.5..1.0, the union of the class ranges), so only shape and
   texture tell the classes apart, as with real categories, which are not colour-coded. The
-  background is the same in both.
+  background is the same in both. The demo config uses it (`data.palette: shared`; README).
 
 The palette changes colours only: it consumes the same random draws, so a scene's geometry, textures,
-`labels`, `instances` and `meta` are the same under either palette (only `image` differs).
+`labels`, `instances` and `meta` are the same under either palette (only `image` differs); the
+ground truth distill rebuilds from a scene's file name (`make_scene(...).labels`) needs no palette.
 
 Objects are drawn in order, so later ones occlude earlier ones. Every object's region is filled
 into a mask first (cv2.fillPoly, sub-pixel vertices) and then the pixels under that mask are painted
