@@ -44,6 +44,12 @@ class DataConfig(Section):
     split: str = Field("train", description="dataset split (train, val, test, all; per dataset)")
     num_images: int = Field(64, ge=1, description="synthetic only: number of scenes")
     image_size: int = Field(128, ge=16, le=4096, description="synthetic only: side of the square scenes")
+    palette: str = Field(
+        "class",
+        pattern="^(class|shared)$",
+        description="synthetic only: class (each class its own hue range) | shared (one colour distribution "
+        "for all classes: only shape and texture tell them apart)",
+    )
     limit: int | None = Field(None, ge=1, description="use only the first N images")
 
 

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from distseg.config import Config
 from distseg.data import open_dataset
+from distseg.data.synthetic import scene_options
 from distseg.tracking import experiment_url, start_run, tracking_uri, ui_command
 from distseg.viz import color_labels, contact_sheet
 
@@ -28,9 +29,7 @@ def run_demo(cfg: Config) -> dict:
         cfg.data.source,
         root=cfg.data.root,
         split=cfg.data.split,
-        num_images=cfg.data.num_images,
-        image_size=cfg.data.image_size,
-        seed=cfg.seed,
+        **scene_options(cfg),
     )
     samples = list(tqdm(dataset, total=len(dataset), desc="synthetic scenes", unit="img"))
     counts = np.zeros(dataset.num_classes, np.int64)

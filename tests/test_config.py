@@ -2,7 +2,7 @@ import pytest
 from typer.testing import CliRunner
 
 from distseg.cli import app
-from distseg.config import ConfigError, build_config, flatten, load_config, parse_override, shipped_configs
+from distseg.config import ConfigError, DataConfig, build_config, flatten, load_config, parse_override, shipped_configs
 
 
 def test_shipped_demo_loads_with_its_values():
@@ -20,6 +20,20 @@ def test_dotted_overrides_are_typed():
     assert cfg.ray.num_cpus == 2 and cfg.name == "x"
 
 
+def test_synthetic_palette_reaches_every_stage_that_opens_the_scenes():
+    """data.palette (and the seed) go to the scenes pretraining mines and to the evaluation's splits."""
+    from distseg.data.synthetic import scene_options
+    from distseg.eval.evaluate import open_eval_dataset
+
+    assert DataConfig().palette == "class"  # the dataset's default: the colour-coded scenes
+    assert load_config("demo").data.palette == "shared" and load_config("maskdistill_demo").data.palette == "class"
+    cfg = load_config("demo", ["data.palette=shared", "seed=3", "data.num_images=5"])
+    assert scene_options(cfg) == {"num_images": 5, "image_size": 128, "seed": 3, "palette": "shared"}
+    for split in ("train", "val"):
+        ds = open_eval_dataset(cfg, split)
+        assert (ds.palette, ds.seed, ds.split, len(ds)) == ("shared", 3, split, 5)
+
+
 def test_override_null_and_strings():
     assert parse_override("edges.weights=null") == ("edges.weights", None)
     assert parse_override("data.source=folder:imgs") == ("data.source", "folder:imgs")
@@ -32,6 +46,7 @@ def test_override_null_and_strings():
         ("data.bogus=1", ["data.bogus", "source"]),
         ("hierarchy.max_regions=300", ["hierarchy.max_regions", "300", "less than or equal to 255"]),
         ("data.num_images=abc", ["data.num_images", "abc", "integer"]),
+        ("data.palette=rainbow", ["data.palette", "rainbow", "class|shared"]),
         ("hierarchy.max_regions.x=1", ["hierarchy.max_regions", "is a value"]),
         ("data=1", ["is a section"]),
         ("noequals", ["KEY=VALUE"]),

@@ -121,8 +121,9 @@ def test_davis_sequences_and_frames(davis_root: Path) -> None:
 def test_open_dataset_by_name(msrc_root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("DISTSEG_DATA_ROOT", str(msrc_root.parent))
     assert len(open_dataset("msrc", split="val")) == 146
-    assert len(open_dataset("msrc", split="val", num_images=5, image_size=64, seed=1, limit=7)) == 7
+    assert len(open_dataset("msrc", split="val", num_images=5, image_size=64, seed=1, palette="x", limit=7)) == 7
     assert isinstance(open_dataset("synthetic", num_images=3), SyntheticScenes)
+    assert open_dataset("synthetic", num_images=3, palette="shared").palette == "shared"
     assert {"synthetic", "bsds", "msrc", "davis", "folder"} <= set(DATASETS)
     with pytest.raises(ValueError, match="known: .*msrc"):
         open_dataset("pascal")
@@ -296,6 +297,76 @@ def test_synthetic_scene_content() -> None:
     # background is low-saturation: channel spread far smaller than on the objects
     spread = {c: float(np.ptp(m)) for c, m in means.items()}
     assert spread[0] < 20 and min(spread[c] for c in range(1, 5)) > 60
+
+
+def _object_colours(palette: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Mean RGB and class of every object with >= 20 visible pixels in 32 small scenes."""
+    colours, classes = [], []
+    for s in SyntheticScenes(num_images=32, image_size=64, seed=0, split=split, palette=palette):
+        for o in s.meta["objects"]:
+            visible = s.instances == o["instance"]
+            if visible.sum() >= 20:
+                colours.append(s.image[visible].astype(np.float64).mean(axis=0))
+                classes.append(o["class"])
+    return np.array(colours), np.array(classes)
+
+
+def test_synthetic_shared_palette_hides_the_class_in_colour() -> None:
+    """Same geometry under both palettes; a nearest-class-mean on an object's mean colour (fit on
+    train scenes, scored on val scenes) is perfect with per-class hues and near chance with the
+    shared palette."""
+    for i in range(4):
+        a, b = make_scene(i, 64, 0, "train"), make_scene(i, 64, 0, "train", palette="shared")
+        _assert_consistent(b)
+        assert np.array_equal(a.labels, b.labels) and np.array_equal(a.instances, b.instances) and a.meta == b.meta
+        on_objects = (a.image != b.image).any(axis=2)
+        assert not on_objects[a.labels == 0].any() and on_objects[a.labels > 0].mean() > 0.9  # only objects change
+        assert _same(b, make_scene(i, 64, 0, "train", palette="shared"))
+        assert _same(b, SyntheticScenes(num_images=4, image_size=64, palette="shared")[b.id])
+    accuracy = {}
+    for palette in ("class", "shared"):
+        (train_x, train_y), (val_x, val_y) = _object_colours(palette, "train"), _object_colours(palette, "val")
+        means = np.stack([train_x[train_y == c].mean(axis=0) for c in range(1, 5)])
+        guess = np.argmin(((val_x[:, None] - means[None]) ** 2).sum(-1), axis=1) + 1
+        accuracy[palette] = float((guess == val_y).mean())
+    chance = np.bincount(val_y).max() / len(val_y)
+    assert len(val_y) > 100 and accuracy["class"] > 0.95 and accuracy["shared"] < chance + 0.12, (accuracy, chance)
+
+
+def test_synthetic_bad_palette_names_the_key() -> None:
+    for make in (
+        lambda: SyntheticScenes(num_images=2, palette="rainbow"),
+        lambda: make_scene(0, 64, palette="rainbow"),
+        lambda: synthetic_video(num_frames=2, image_size=64, palette="rainbow"),
+    ):
+        with pytest.raises(ValueError, match=r"data\.palette: unknown palette 'rainbow' \(known: class, shared\)"):
+            make()
+
+
+def test_write_scenes_refuses_a_folder_of_other_scenes(tmp_path: Path) -> None:
+    """The PNGs pretraining and distill mine: the config's scenes, and an error (not stale scenes) when
+    the folder was made with another palette, size or seed."""
+    from distseg.config import load_config
+    from distseg.data.synthetic import write_scenes
+
+    settings = ["data.num_images=3", "data.image_size=32", "data.palette=shared", "seed=2"]
+    shared = load_config("demo", settings)
+    folder = tmp_path / "images"
+    assert write_scenes(shared, folder) == str(folder)
+    assert sorted(p.name for p in folder.glob("*.png")) == [f"synthetic_train_0000{i}.png" for i in range(3)]
+    assert np.array_equal(
+        read_image(folder / "synthetic_train_00001.png"), make_scene(1, 32, 2, palette="shared").image
+    )
+    write_scenes(shared, folder)  # same settings: fine, files kept
+    for override in ("data.palette=class", "data.image_size=48", "seed=0"):
+        other = load_config(
+            "demo", ["data.num_images=3", "data.image_size=32", "data.palette=shared", "seed=2", override]
+        )
+        with pytest.raises(ValueError, match=r"images holds synthetic scenes made with .*data\.palette"):
+            write_scenes(other, folder)
+    (folder / "scenes.json").unlink()  # a folder from before the palette: class scenes
+    with pytest.raises(ValueError, match="'palette': 'class'"):
+        write_scenes(shared, folder)
 
 
 # ---------------------------------------------------------------- synthetic video

@@ -1,13 +1,26 @@
 """Built-in synthetic scenes and videos: the demo and test data, generated on the fly (no download).
 
 A scene is a textured, low-saturation background (class 0) with 2..6 objects from four classes.
-Each class has its own shape family, hue range and texture, so colour + texture + shape tell the
-classes apart, while hue/brightness jitter and the dark/light texture mix keep raw RGB ambiguous:
+Each class has its own shape family and texture; where its colours come from is the `palette`:
 
+    class       shape                hue ("class")        texture
     1 disc      filled ellipses      warm (red..yellow)   smooth directional shading
     2 box       rotated rectangles   blue                 stripes
     3 triangle  triangles            green                speckled noise
     4 star      5/6-point stars      purple..magenta      checkerboard
+
+- "class" (the default): each class has its own hue range (above), so colour + texture + shape tell
+  the classes apart, while hue/brightness jitter and the dark/light texture mix keep raw RGB
+  ambiguous. Colour alone separates the classes here (a per-pixel colour + position baseline, rgbxy,
+  scores high), and the colour jitter of pretraining removes exactly that cue.
+- "shared": every object class draws its colour from one distribution (hue uniform over the whole
+  circle, saturation 0.45..0.9, value 0.5..1.0, the union of the class ranges), so only shape and
+  texture tell the classes apart, as with real categories, which are not colour-coded. The
+  background is the same in both. The demo config uses it (`data.palette: shared`; README).
+
+The palette changes colours only: it consumes the same random draws, so a scene's geometry, textures,
+`labels`, `instances` and `meta` are the same under either palette (only `image` differs); the
+ground truth distill rebuilds from a scene's file name (`make_scene(...).labels`) needs no palette.
 
 Objects are drawn in order, so later ones occlude earlier ones. Every object's region is filled
 into a mask first (cv2.fillPoly, sub-pixel vertices) and then the pixels under that mask are painted
@@ -22,8 +35,10 @@ Scene `i` of split `s` with seed `k` depends only on (k, s, i): any scene can be
 from __future__ import annotations
 
 import colorsys
+import json
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -41,12 +56,23 @@ class _Style:
     val: tuple[float, float]
 
 
+PALETTES = ("class", "shared")
+
 _STYLES = {
     1: _Style(hue=22.0, hue_jitter=20.0, sat=(0.6, 0.9), val=(0.75, 1.0)),
     2: _Style(hue=218.0, hue_jitter=14.0, sat=(0.55, 0.9), val=(0.55, 0.95)),
     3: _Style(hue=118.0, hue_jitter=18.0, sat=(0.5, 0.85), val=(0.5, 0.9)),
     4: _Style(hue=298.0, hue_jitter=16.0, sat=(0.45, 0.8), val=(0.55, 0.95)),
 }
+# "shared": one colour distribution for every class (hue uniform over the circle; the union of the
+# classes' saturation and value ranges).
+_SHARED = _Style(hue=180.0, hue_jitter=180.0, sat=(0.45, 0.9), val=(0.5, 1.0))
+
+
+def check_palette(palette: str) -> str:
+    if palette not in PALETTES:
+        raise ValueError(f"data.palette: unknown palette {palette!r} (known: {', '.join(PALETTES)})")
+    return palette
 
 
 @dataclass
@@ -117,8 +143,8 @@ def _shape(rng: np.random.Generator, cls: int, r: float) -> np.ndarray:
     return np.stack([rad * np.cos(th), rad * np.sin(th)], axis=1)
 
 
-def _make_object(rng: np.random.Generator, cls: int, r: float, unit: float) -> _Object:
-    style = _STYLES[cls]
+def _make_object(rng: np.random.Generator, cls: int, r: float, unit: float, palette: str = "class") -> _Object:
+    style = _STYLES[cls] if palette == "class" else _SHARED  # the same number of draws either way
     shape = _shape(rng, cls, r)
     n = 2 * int(np.ceil(np.abs(shape).max())) + 5
     hue = style.hue + rng.uniform(-style.hue_jitter, style.hue_jitter)
@@ -183,38 +209,87 @@ def _objects_meta(objects: list[_Object], poses: list[tuple[float, float, float]
     ]
 
 
-def make_scene(index: int, image_size: int = 128, seed: int = 0, split: str = "train") -> Sample:
-    """Scene `index` of (seed, split): the same arrays every time, independent of any other scene."""
+def make_scene(
+    index: int, image_size: int = 128, seed: int = 0, split: str = "train", palette: str = "class"
+) -> Sample:
+    """Scene `index` of (seed, split): the same arrays every time, independent of any other scene.
+    `palette` ("class" | "shared", see the module docstring) changes the image only."""
+    check_palette(palette)
     rng = _rng(seed, f"scene/{split}", index)
     size, unit = image_size, max(1.0, image_size / 128)
     background = _background(rng, size)
     objects, poses = [], []
     for cls in rng.integers(1, 5, size=int(rng.integers(2, 7))):
         r = size * rng.uniform(0.09, 0.2)
-        objects.append(_make_object(rng, int(cls), r, unit))
+        objects.append(_make_object(rng, int(cls), r, unit, palette))
         poses.append((rng.uniform(0.12, 0.88) * size, rng.uniform(0.12, 0.88) * size, rng.uniform(0, 360)))
     image, labels, instances = _render(background, objects, poses, rng)
     meta = {"seed": seed, "split": split, "index": index, "objects": _objects_meta(objects, poses)}
     return Sample(id=f"synthetic/{split}/{index:05d}", image=image, labels=labels, instances=instances, meta=meta)
 
 
-@register_dataset("synthetic", builtin=True, takes=("num_images", "image_size", "seed"))
+def scene_options(cfg) -> dict:
+    """The synthetic reader's options from a config (data.num_images, data.image_size, data.palette,
+    the global seed): what every stage that opens the scenes passes, so training, mining and the
+    evaluation's synthetic splits see the same scenes."""
+    d = cfg.data
+    return {"num_images": d.num_images, "image_size": d.image_size, "seed": cfg.seed, "palette": d.palette}
+
+
+def write_scenes(cfg, folder: str | Path) -> str:
+    """Write the config's scenes (`scene_options`, the train split) as PNGs `synthetic_train_<i>.png`
+    into `folder`, once (existing files are kept), and return the folder.
+
+    The folder records the settings that decide the pixels (seed, image_size, palette) in
+    scenes.json; a folder made with other settings is an error rather than stale scenes for the
+    stages that mine it (a folder from before the palette existed holds "class" scenes)."""
+    folder = Path(folder)
+    options = scene_options(cfg)
+    pixels = {k: options[k] for k in ("seed", "image_size", "palette")}
+    stamp = folder / "scenes.json"
+    found = json.loads(stamp.read_text()) if stamp.is_file() else None
+    if found is None and any(folder.glob("synthetic_*.png")):
+        found = {**pixels, "palette": "class"}  # written before scenes.json: seed and size unknown
+    if found is not None and found != pixels:
+        raise ValueError(
+            f"{folder} holds synthetic scenes made with {found}, this config asks for {pixels} "
+            "(seed, data.image_size, data.palette): use another workdir, or delete that folder and the "
+            "shards mined from it"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(pixels))
+    dataset = SyntheticScenes(**options)
+    for image_id in dataset.ids():
+        path = folder / f"{image_id.replace('/', '_')}.png"
+        if not path.exists() and not cv2.imwrite(str(path), dataset[image_id].image[:, :, ::-1]):
+            raise OSError(f"could not write {path}")
+    return str(folder)
+
+
+@register_dataset("synthetic", builtin=True, takes=("num_images", "image_size", "seed", "palette"))
 class SyntheticScenes(Dataset):
-    """`num_images` synthetic scenes of one split (any name; different names give unrelated scenes)."""
+    """`num_images` synthetic scenes of one split (any name; different names give unrelated scenes),
+    coloured with `palette` ("class" | "shared", see the module docstring)."""
 
     name = "synthetic"
     class_names = CLASS_NAMES
     ignore_index = None
 
     def __init__(
-        self, num_images: int = 64, image_size: int = 128, seed: int = 0, split: str = "train", limit: int | None = None
+        self,
+        num_images: int = 64,
+        image_size: int = 128,
+        seed: int = 0,
+        split: str = "train",
+        limit: int | None = None,
+        palette: str = "class",
     ) -> None:
         if num_images < 1 or image_size < 16 or seed < 0:
             raise ValueError(
                 f"need num_images >= 1, image_size >= 16, seed >= 0; got {num_images}, {image_size}, {seed}"
             )
         self.num_images = min(num_images, limit) if limit else num_images
-        self.image_size, self.seed, self.split = image_size, seed, split
+        self.image_size, self.seed, self.split, self.palette = image_size, seed, split, check_palette(palette)
         self._prefix = f"synthetic/{split}/"
 
     def ids(self) -> list[str]:
@@ -227,18 +302,21 @@ class SyntheticScenes(Dataset):
         tail = image_id.removeprefix(self._prefix)
         if tail == image_id or not tail.isdigit() or int(tail) >= self.num_images:
             raise KeyError(f"no synthetic scene {image_id!r}: ids are {self._prefix}00000..{self.num_images - 1:05d}")
-        return make_scene(int(tail), self.image_size, self.seed, self.split)
+        return make_scene(int(tail), self.image_size, self.seed, self.split, self.palette)
 
 
-def synthetic_video(num_frames: int = 12, image_size: int = 128, seed: int = 0, num_objects: int = 3) -> list[Sample]:
+def synthetic_video(
+    num_frames: int = 12, image_size: int = 128, seed: int = 0, num_objects: int = 3, palette: str = "class"
+) -> list[Sample]:
     """Objects gliding and turning over a fixed background, occluding each other; ids "synthetic-video/<seed>/<t:05d>".
 
     Each object keeps its class, shape, texture and depth order; it moves 1.2..2.5% of the frame
     per frame in a straight line (bouncing off the borders) and turns -4..4 degrees per frame.
-    `meta["objects"]` gives every object's true pose in that frame.
+    `meta["objects"]` gives every object's true pose in that frame. `palette` as for the scenes.
     """
     if num_frames < 1 or num_objects < 1:
         raise ValueError(f"need num_frames >= 1 and num_objects >= 1, got {num_frames}, {num_objects}")
+    check_palette(palette)
     rng = _rng(seed, "video", 0)
     size, unit = image_size, max(1.0, image_size / 128)
     background = _background(rng, size)
@@ -246,7 +324,7 @@ def synthetic_video(num_frames: int = 12, image_size: int = 128, seed: int = 0, 
     objects, pos, vel, angle, spin, radius = [], [], [], [], [], []
     for cls in classes:
         r = size * rng.uniform(0.1, 0.18)
-        objects.append(_make_object(rng, int(cls), r, unit))
+        objects.append(_make_object(rng, int(cls), r, unit, palette))
         radius.append(r)
         pos.append(rng.uniform(0.3, 0.7, 2) * size)  # start near the middle, so paths cross
         heading, speed = rng.uniform(0, 2 * np.pi), rng.uniform(0.012, 0.025) * size

@@ -30,18 +30,9 @@ class DistillSummary:
 
 
 def synthetic_images(cfg: Config) -> str:
-    import cv2
+    from distseg.data.synthetic import write_scenes
 
-    from distseg.data import open_dataset
-
-    folder = Path(cfg.workdir).resolve() / "synthetic" / "images"
-    dataset = open_dataset("synthetic", num_images=cfg.data.num_images, image_size=cfg.data.image_size, seed=cfg.seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for image_id in dataset.ids():
-        path = folder / f"{image_id.replace('/', '_')}.png"
-        if not path.exists() and not cv2.imwrite(str(path), dataset[image_id].image[:, :, ::-1]):
-            raise OSError(f"could not write {path}")
-    return str(folder)
+    return write_scenes(cfg, Path(cfg.workdir).resolve() / "synthetic" / "images")
 
 
 def check_source(params) -> None:

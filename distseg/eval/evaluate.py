@@ -170,15 +170,12 @@ def feature_sources(cfg: Config, checkpoint: str | None, image_size: int | None)
 
 def open_eval_dataset(cfg: Config, split: str):
     from distseg.data import open_dataset
+    from distseg.data.synthetic import scene_options
 
     source = cfg.evaluate.data
     if source.split(":")[0] == "bsds":
         raise EvaluationError("bsds has boundaries, not class labels: score the grouping with `distseg edges eval`")
-    kwargs = (
-        {"num_images": cfg.data.num_images, "image_size": cfg.data.image_size, "seed": cfg.seed}
-        if source == "synthetic"
-        else {}
-    )
+    kwargs = scene_options(cfg) if source == "synthetic" else {}
     return open_dataset(source, root=cfg.evaluate.root, split=split, limit=cfg.evaluate.limit, **kwargs)
 
 

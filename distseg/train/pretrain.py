@@ -40,19 +40,12 @@ class PretrainResult:
 
 def synthetic_shards(cfg: Config) -> str:
     """Mine the built-in synthetic scenes (written once as PNGs) into shards; return the shards folder."""
-    import cv2
-
-    from distseg.data import open_dataset
+    from distseg.data.synthetic import write_scenes
     from distseg.mining import mine
 
     workdir = Path(cfg.workdir).resolve()
     images, shards = workdir / "synthetic" / "images", workdir / "synthetic" / "mined"
-    dataset = open_dataset("synthetic", num_images=cfg.data.num_images, image_size=cfg.data.image_size, seed=cfg.seed)
-    images.mkdir(parents=True, exist_ok=True)
-    for image_id in dataset.ids():
-        path = images / f"{image_id.replace('/', '_')}.png"
-        if not path.exists() and not cv2.imwrite(str(path), dataset[image_id].image[:, :, ::-1]):
-            raise OSError(f"could not write {path}")
+    write_scenes(cfg, images)
     mine_cfg = cfg.model_copy(deep=True)
     if cfg.pretrain.prior not in mine_cfg.mine.priors:
         mine_cfg.mine.priors = [*mine_cfg.mine.priors, cfg.pretrain.prior]
