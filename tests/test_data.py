@@ -368,6 +368,17 @@ def test_write_scenes_refuses_a_folder_of_other_scenes(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="'palette': 'class'"):
         write_scenes(shared, folder)
 
+    # the CLI: one red line naming the folder and what to do, exit 1, before any Ray cluster starts
+    from typer.testing import CliRunner
+
+    from distseg.cli import app
+
+    (tmp_path / "synthetic").mkdir()
+    folder.rename(tmp_path / "synthetic" / "images")
+    out = CliRunner().invoke(app, ["pretrain", "--config", "demo", f"workdir={tmp_path}", *settings])
+    assert out.exit_code == 1 and "error:" in out.output and "palette" in out.output, out.output
+    assert "Traceback" not in out.output and not (tmp_path / "synthetic" / "mined").exists()
+
 
 # ---------------------------------------------------------------- synthetic video
 

@@ -236,6 +236,10 @@ def scene_options(cfg) -> dict:
     return {"num_images": d.num_images, "image_size": d.image_size, "seed": cfg.seed, "palette": d.palette}
 
 
+class ScenesMismatch(ValueError):
+    """A folder of synthetic scene PNGs made with other settings than the config's (write_scenes)."""
+
+
 def write_scenes(cfg, folder: str | Path) -> str:
     """Write the config's scenes (`scene_options`, the train split) as PNGs `synthetic_train_<i>.png`
     into `folder`, once (existing files are kept), and return the folder.
@@ -251,7 +255,7 @@ def write_scenes(cfg, folder: str | Path) -> str:
     if found is None and any(folder.glob("synthetic_*.png")):
         found = {**pixels, "palette": "class"}  # written before scenes.json: seed and size unknown
     if found is not None and found != pixels:
-        raise ValueError(
+        raise ScenesMismatch(
             f"{folder} holds synthetic scenes made with {found}, this config asks for {pixels} "
             "(seed, data.image_size, data.palette): use another workdir, or delete that folder and the "
             "shards mined from it"
