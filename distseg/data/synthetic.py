@@ -44,6 +44,7 @@ import cv2
 import numpy as np
 
 from distseg.data.base import Dataset, Sample, register_dataset
+from distseg.storage import write_text
 
 CLASS_NAMES = ["background", "disc", "box", "triangle", "star"]
 
@@ -260,8 +261,7 @@ def write_scenes(cfg, folder: str | Path) -> str:
             "(seed, data.image_size, data.palette): use another workdir, or delete that folder and the "
             "shards mined from it"
         )
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps(pixels))
+    write_text(str(stamp), json.dumps(pixels))  # whole or not at all (distseg.storage)
     dataset = SyntheticScenes(**options)
     for image_id in dataset.ids():
         path = folder / f"{image_id.replace('/', '_')}.png"
