@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -70,11 +71,14 @@ def test_evaluate_checkpoint_and_baseline_with_seeds(tmp_path):
     assert result.exit_code == 0, result.output
     lines = [line.split("\r")[-1].strip() for line in result.output.strip().splitlines()]  # drop progress bars
     assert lines[-1] == f"wrote {out}/metrics.json"
-    # the protocols, then the position diagnostic (on by default): r2, then cos_gap
-    assert [line.split(":")[0] for line in lines[-7:-1]] == [*PROTOCOLS, "position", "position"]
-    assert "checkpoint" in lines[-7] and "rgbxy" in lines[-7] and "+-" in lines[-7]
-    assert lines[-3].startswith("position: r2 checkpoint ") and "rgbxy" in lines[-3] and "+-" not in lines[-3]
-    assert lines[-2].startswith("position: cos_gap checkpoint ")
+    # the protocols, then the position diagnostic (on by default): r2, cos_gap, what the labels alone read
+    assert [line.split(":")[0] for line in lines[-8:-1]] == [*PROTOCOLS, "position", "position", "position"]
+    assert "checkpoint" in lines[-8] and "rgbxy" in lines[-8] and "+-" in lines[-8]
+    assert lines[-4].startswith("position: r2 checkpoint ") and "rgbxy" in lines[-4] and "+-" not in lines[-4]
+    assert lines[-3].startswith("position: cos_gap checkpoint ")
+    assert re.fullmatch(
+        r"position: labels alone \(reference\) label_r2 -?\d\.\d{3}, label_cos_gap -?\d\.\d{3}", lines[-2]
+    )
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["protocols"] == list(PROTOCOLS) and metrics["diagnostics"] == ["position"]
@@ -86,6 +90,9 @@ def test_evaluate_checkpoint_and_baseline_with_seeds(tmp_path):
             assert len(entry["values"]) == 2 and 0 <= entry["mean"] <= 1 and entry["std"] >= 0
         assert len(m["position/r2"]["values"]) == 1  # not stochastic
         assert {"position/r2_y", "position/r2_x", "position/r2_border", "position/cos_gap"} <= set(m)
+    # the labels' reference is a property of the data: the same for every source
+    references = {s["metrics"]["position/label_cos_gap"]["mean"] for s in metrics["sources"].values()}
+    assert len(references) == 1
     # rgbxy holds x and y: its position leak is plain
     assert metrics["sources"]["rgbxy"]["metrics"]["position/r2"]["mean"] > 0.4
     assert (out / "pca_checkpoint.png").is_file()

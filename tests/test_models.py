@@ -104,3 +104,24 @@ def test_init_from_a_checkpoint_copies_every_weight_and_rejects_a_mismatch(tmp_p
         create_model(other)
     with pytest.raises(FileNotFoundError, match="model.init_from: .*missing"):
         create_model(cfg.model.model_copy(update={"init_from": str(tmp_path / "missing")}))
+
+
+def test_reflect_padding_leaves_no_border_signal_and_loads_the_same_weights(tmp_path):
+    """`model.padding=reflect`: on a constant image every pixel's embedding is the same (no zero border
+    tells a unit where the frame edge is); with the papers' zero padding the border pixels differ. The
+    weights are the same tensors, so a checkpoint trained with either padding loads under the other."""
+    torch.manual_seed(0)
+    zeros = create_model(ModelConfig(backbone="resnet18", embed_dim=8, head_channels=16)).eval()
+    reflect = create_model(ModelConfig(backbone="resnet18", embed_dim=8, head_channels=16, padding="reflect")).eval()
+    reflect.load_state_dict(zeros.state_dict())
+    assert reflect.padding == "reflect" and zeros.padding == "zeros"
+    flat = torch.full((1, 3, 96, 96), 0.3)
+    with torch.no_grad():
+        e_zero, e_reflect = zeros(flat)[0], reflect(flat)[0]
+    spread = lambda e: (e - e[:, 12:13, 12:13]).abs().amax().item()  # noqa: E731  farthest pixel from the centre's
+    assert spread(e_reflect) < 1e-4
+    assert spread(e_zero) > 0.05  # the border differs from the centre
+    cfg = load_config("demo", ["model.padding=reflect", "model.embed_dim=8", "model.head_channels=16"])
+    assert create_model(cfg.model).padding == "reflect"
+    with pytest.raises(Exception, match="padding"):
+        load_config("demo", ["model.padding=circular"])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from distseg.core.constants import IGNORE_INDEX
 from distseg.eval.features import RGBXYFeatures
 from distseg.eval.protocols import (
     PROTOCOL_ALIASES,
@@ -246,6 +247,35 @@ def test_position_features_score_r2_one_and_the_cosines_match_brute_force():
     assert result["position/cos_shuffled"] == pytest.approx(np.mean(shuffled), abs=1e-6)
     assert result["position/cos_gap"] == pytest.approx(np.mean(same) - np.mean(shuffled), abs=1e-6)
     assert result["position/cos_within"] == pytest.approx(np.mean(within), abs=1e-6)
+
+
+def test_position_reports_what_the_labels_alone_read():
+    """label_r2 / label_cos_gap: the same measures of the one-hot labels. Objects that sit in the centre
+    of every frame give content a position signal; an embedding that is exactly the labels reads the
+    same as the reference, and labels with no layout (one class per image) read no gap."""
+    rng = np.random.default_rng(3)
+
+    def centred(i: int, split: str) -> FeatureSample:
+        h, w = (int(v) for v in rng.integers(12, 20, 2) * 4)
+        label = np.zeros((h, w), np.int64)
+        label[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 1 + i % 2  # an object of class 1 or 2 in the centre
+        label[0, :] = IGNORE_INDEX
+        onehot = np.eye(C + 1, dtype=np.float32)[np.where(label == IGNORE_INDEX, C, label)]
+        features = np.moveaxis(onehot, -1, 0)[:, 2::4, 2::4]  # the feature grid: every 4th pixel, centred
+        return FeatureSample(f"img{i}", features, label, split)
+
+    samples = [centred(i, "train" if i < 6 else "eval") for i in range(12)]
+    result = run("position", samples).metrics
+    assert result["position/label_r2"] > 0.2 and result["position/label_cos_gap"] > 0.2, result
+    assert result["position/r2"] == pytest.approx(result["position/label_r2"], abs=0.02)
+    assert result["position/cos_gap"] == pytest.approx(result["position/label_cos_gap"], abs=0.02)
+
+    flat = [FeatureSample(s.image_id, s.features, np.full_like(s.label, i % C), s.split) for i, s in enumerate(samples)]
+    flat_result = run("position", flat).metrics
+    assert abs(flat_result["position/label_cos_gap"]) < 1e-9 and abs(flat_result["position/label_r2"]) < 0.05
+    # without labels there is no reference, and the features' measures are unchanged
+    unlabelled = run("position", [FeatureSample(s.image_id, s.features, None, s.split) for s in samples]).metrics
+    assert "position/label_r2" not in unlabelled and unlabelled["position/r2"] == result["position/r2"]
 
 
 def test_position_needs_both_splits():

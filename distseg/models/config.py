@@ -19,3 +19,9 @@ class ModelConfig(Section):
     init_from: str | None = Field(
         None, description="whole-network init: a distseg checkpoint folder (or its model.pt) of the same architecture"
     )
+    padding: str = Field(
+        "zeros",
+        pattern="^(zeros|reflect|replicate)$",
+        description="padding of every convolution: zeros (the papers' networks) | reflect | replicate "
+        "(no zero border to read absolute position from; same weights, so checkpoints load either way)",
+    )

@@ -27,8 +27,13 @@ Two measures, both on L2-normalised features (the cosine geometry of the cluster
   1 means all pixels of an image look alike, an image-identity code). A feature map smaller than
   ``grid`` on a side repeats pixels in its samples, which raises ``cos_within`` and ``cos_shuffled``.
 
-Labels are not used. Non-stochastic. ``num_train_pixels`` / ``num_eval_pixels`` / ``num_images``
-are reported too.
+Content can carry position too: where objects sit in a dataset's frames is not uniform (the
+synthetic scenes keep objects off the borders; photographers centre their subject), so an embedding
+that holds only the classes also scores above 0 on both measures. Where the samples carry labels,
+the same two measures of the one-hot labels at the feature grid (an embedding that is exactly the
+classes) are reported as ``label_r2`` and ``label_cos_gap``: the same for every feature source, and
+the level that content alone explains. Labels are used for nothing else. Non-stochastic.
+``num_train_pixels`` / ``num_eval_pixels`` / ``num_images`` are reported too.
 """
 
 from __future__ import annotations
@@ -40,7 +45,15 @@ from pydantic import Field
 
 from distseg.core.constants import IGNORE_INDEX
 from distseg.core.section import Section
-from distseg.eval.protocols.base import EvalResult, Evaluator, FeatureSample, _l2_normalize, _pixels, register_protocol
+from distseg.eval.protocols.base import (
+    EvalResult,
+    Evaluator,
+    FeatureSample,
+    _l2_normalize,
+    _pixels,
+    register_protocol,
+    resize_nearest,
+)
 
 TARGETS = ("y", "x", "border")
 
@@ -66,12 +79,111 @@ def _grid_index(n: int, cells: int) -> np.ndarray:
     return np.minimum(((np.arange(cells) + 0.5) * n / cells).astype(np.int64), n - 1)
 
 
+class _PositionStats:
+    """The sufficient statistics of both measures for one kind of per-pixel vector (module docstring)."""
+
+    def __init__(self, grid: int, name: str) -> None:
+        self.grid, self.name = grid, name
+        self.dim: int | None = None
+        # per split: X^T X and X^T Y of [features, 1] and targets; eval also sum Y, sum Y^2
+        self.xtx: dict = {"train": None, "eval": None}
+        self.xty: dict = {"train": None, "eval": None}
+        self.n = {"train": 0, "eval": 0}
+        self.y_sum = np.zeros(len(TARGETS))
+        self.y_sq = np.zeros(len(TARGETS))
+        # same-position cosine: per grid position the sum over images, and the per-image statistics
+        self.pos_sum: np.ndarray | None = None  # (P, D) sum over images of f_i(p)
+        self.pos_sq = np.zeros(grid * grid)  # (P,) sum over images of |f_i(p)|^2
+        self.img_sum: np.ndarray | None = None  # (D,) sum over images of T_i = sum_p f_i(p)
+        self.img_sq = 0.0  # sum over images of |T_i|^2
+        self.within = 0.0  # sum over images of sum_{p != q} f_i(p) . f_i(q)
+        self.images = 0
+
+    def add(self, image_id: str, features: np.ndarray, split: str) -> None:
+        """Add one image's ``(D, h, w)`` vectors (L2-normalised here) to the `split` statistics."""
+        d, h, w = features.shape
+        if self.dim is None:
+            self.dim = d
+        elif d != self.dim:
+            raise ValueError(f"{self.name}: {image_id} has {d} channels, earlier images {self.dim}")
+        x = _l2_normalize(_pixels(features)).astype(np.float64)
+        x1 = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+        t = position_targets(h, w)
+        if self.xtx[split] is None:
+            self.xtx[split] = np.zeros((d + 1, d + 1))
+            self.xty[split] = np.zeros((d + 1, len(TARGETS)))
+        self.xtx[split] += x1.T @ x1
+        self.xty[split] += x1.T @ t
+        self.n[split] += len(x)
+        if split != "eval":
+            return
+        self.y_sum += t.sum(0)
+        self.y_sq += (t**2).sum(0)
+        x = x.reshape(h, w, d)
+        f = x[_grid_index(h, self.grid)][:, _grid_index(w, self.grid)].reshape(-1, d)  # (P, D)
+        if self.pos_sum is None:
+            self.pos_sum, self.img_sum = np.zeros_like(f), np.zeros(d)
+        total = f.sum(0)
+        sq = (f**2).sum(1)
+        self.pos_sum += f
+        self.pos_sq += sq
+        self.img_sum += total
+        self.img_sq += float(total @ total)
+        self.within += float(total @ total - sq.sum())
+        self.images += 1
+
+    def r2(self, ridge: float) -> np.ndarray:
+        """R^2 per target on the eval split of the ridge fit on the train split."""
+        xtx, xty, n = self.xtx["train"], self.xty["train"], self.n["train"]
+        penalty = ridge * n * np.eye(len(xtx))
+        penalty[-1, -1] = 0.0  # the bias
+        try:
+            coef = np.linalg.solve(xtx + penalty, xty)
+        except np.linalg.LinAlgError:
+            coef = np.linalg.lstsq(xtx + penalty, xty, rcond=None)[0]
+        a, b, n_eval = self.xtx["eval"], self.xty["eval"], self.n["eval"]
+        # sum (y - X c)^2 = y.y - 2 c.X^T y + c^T X^T X c, per target column
+        residual = self.y_sq - 2 * (coef * b).sum(0) + np.einsum("ij,ik,kj->j", coef, a, coef)
+        total = self.y_sq - self.y_sum**2 / n_eval
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(total > 0, 1 - np.maximum(residual, 0) / total, np.nan)
+
+    def cosines(self) -> dict[str, float]:
+        n, p = self.images, self.grid * self.grid
+        if n < 2:
+            nan = float("nan")
+            return {"cos_same": nan, "cos_shuffled": nan, "cos_gap": nan, "cos_within": nan}
+        # pairs of different images at the same position: sum_p |S_p|^2 - sum_i |f_i(p)|^2
+        same_sum = float((self.pos_sum**2).sum() - self.pos_sq.sum())
+        # pairs of different images at any positions: |sum_i T_i|^2 - sum_i |T_i|^2
+        cross_sum = float(self.img_sum @ self.img_sum - self.img_sq)
+        same = same_sum / (n * (n - 1) * p)
+        shuffled = (cross_sum - same_sum) / (n * (n - 1) * p * (p - 1))
+        within = self.within / (n * p * (p - 1))
+        return {"cos_same": same, "cos_shuffled": shuffled, "cos_gap": same - shuffled, "cos_within": within}
+
+
+def label_vectors(label: np.ndarray, size: tuple[int, int], num_classes: int, ignore_index: int) -> np.ndarray:
+    """``(num_classes + 1, h, w)`` one-hot of the class at each feature pixel (nearest label pixel);
+    the last channel marks unlabelled pixels, so every pixel has a unit vector."""
+    small = resize_nearest(label, size)
+    index = np.where((small >= 0) & (small < num_classes) & (small != ignore_index), small, num_classes)
+    return np.moveaxis(np.eye(num_classes + 1, dtype=np.float32)[index], -1, 0)
+
+
 @register_protocol(
-    "position", headline="r2", params=PositionParams, needs_train=True, stochastic=False, summary=("cos_gap",)
+    "position",
+    headline="r2",
+    params=PositionParams,
+    needs_train=True,
+    stochastic=False,
+    summary=("cos_gap",),
+    reference=("label_r2", "label_cos_gap"),
 )
 class PositionProtocol(Evaluator):
     """The position-leak diagnostic (module docstring): R^2 of a linear read-out of (y, x, border
-    distance) and the same-position cosine gap across images."""
+    distance) and the same-position cosine gap across images, beside the same two measures of the
+    one-hot labels (what content alone reads)."""
 
     def __init__(
         self,
@@ -89,99 +201,40 @@ class PositionProtocol(Evaluator):
         super().__init__(num_classes, class_names, seed, ignore_index, num_examples)
 
     def _reset(self) -> None:
-        self._dim: int | None = None
-        # per split: X^T X and X^T Y of [features, 1] and targets; eval also sum Y, sum Y^2
-        self._xtx = {"train": None, "eval": None}
-        self._xty = {"train": None, "eval": None}
-        self._n = {"train": 0, "eval": 0}
-        self._y_sum = np.zeros(len(TARGETS))
-        self._y_sq = np.zeros(len(TARGETS))
-        # same-position cosine: per grid position the sum over images, and the per-image statistics
-        self._pos_sum: np.ndarray | None = None  # (P, D) sum over images of f_i(p)
-        self._pos_sq = np.zeros(self.grid * self.grid)  # (P,) sum over images of |f_i(p)|^2
-        self._img_sum: np.ndarray | None = None  # (D,) sum over images of T_i = sum_p f_i(p)
-        self._img_sq = 0.0  # sum over images of |T_i|^2
-        self._within = 0.0  # sum over images of sum_{p != q} f_i(p) . f_i(q)
-        self._images = 0
+        self._features = _PositionStats(self.grid, self.name)
+        self._labels = _PositionStats(self.grid, f"{self.name} (labels)")
+        self._labelled = {"train": 0, "eval": 0}  # images with a label, per split
 
-    def _accumulate(self, sample: FeatureSample, split: str) -> np.ndarray:
-        d, h, w = sample.features.shape
-        if self._dim is None:
-            self._dim = d
-        elif d != self._dim:
-            raise ValueError(f"{self.name}: {sample.image_id} has {d} channels, earlier images {self._dim}")
-        x = _l2_normalize(_pixels(sample.features)).astype(np.float64)
-        x1 = np.concatenate([x, np.ones((len(x), 1))], axis=1)
-        t = position_targets(h, w)
-        if self._xtx[split] is None:
-            self._xtx[split] = np.zeros((d + 1, d + 1))
-            self._xty[split] = np.zeros((d + 1, len(TARGETS)))
-        self._xtx[split] += x1.T @ x1
-        self._xty[split] += x1.T @ t
-        self._n[split] += len(x)
-        if split == "eval":
-            self._y_sum += t.sum(0)
-            self._y_sq += (t**2).sum(0)
-        return x.reshape(h, w, d)
+    def _add(self, sample: FeatureSample, split: str) -> None:
+        self._features.add(sample.image_id, sample.features, split)
+        if sample.label is not None and self.num_classes > 1:
+            size = sample.features.shape[1:]
+            onehot = label_vectors(sample.label, size, self.num_classes, self.ignore_index)
+            self._labels.add(sample.image_id, onehot, split)
+            self._labelled[split] += 1
 
     def _process_train(self, sample: FeatureSample) -> None:
-        self._accumulate(sample, "train")
+        self._add(sample, "train")
 
     def _process_eval(self, sample: FeatureSample) -> None:
-        x = self._accumulate(sample, "eval")
-        h, w, d = x.shape
-        f = x[_grid_index(h, self.grid)][:, _grid_index(w, self.grid)].reshape(-1, d)  # (P, D)
-        if self._pos_sum is None:
-            self._pos_sum, self._img_sum = np.zeros_like(f), np.zeros(d)
-        total = f.sum(0)
-        sq = (f**2).sum(1)
-        self._pos_sum += f
-        self._pos_sq += sq
-        self._img_sum += total
-        self._img_sq += float(total @ total)
-        self._within += float(total @ total - sq.sum())
-        self._images += 1
-
-    def _r2(self) -> np.ndarray:
-        """R^2 per target on the eval split of the ridge fit on the train split."""
-        xtx, xty, n = self._xtx["train"], self._xty["train"], self._n["train"]
-        penalty = self.ridge * n * np.eye(len(xtx))
-        penalty[-1, -1] = 0.0  # the bias
-        try:
-            coef = np.linalg.solve(xtx + penalty, xty)
-        except np.linalg.LinAlgError:
-            coef = np.linalg.lstsq(xtx + penalty, xty, rcond=None)[0]
-        a, b, n_eval = self._xtx["eval"], self._xty["eval"], self._n["eval"]
-        # sum (y - X c)^2 = y.y - 2 c.X^T y + c^T X^T X c, per target column
-        residual = self._y_sq - 2 * (coef * b).sum(0) + np.einsum("ij,ik,kj->j", coef, a, coef)
-        total = self._y_sq - self._y_sum**2 / n_eval
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(total > 0, 1 - np.maximum(residual, 0) / total, np.nan)
-
-    def _cosines(self) -> dict[str, float]:
-        n, p = self._images, self.grid * self.grid
-        if n < 2:
-            nan = float("nan")
-            return {"cos_same": nan, "cos_shuffled": nan, "cos_gap": nan, "cos_within": nan}
-        # pairs of different images at the same position: sum_p |S_p|^2 - sum_i |f_i(p)|^2
-        same_sum = float((self._pos_sum**2).sum() - self._pos_sq.sum())
-        # pairs of different images at any positions: |sum_i T_i|^2 - sum_i |T_i|^2
-        cross_sum = float(self._img_sum @ self._img_sum - self._img_sq)
-        same = same_sum / (n * (n - 1) * p)
-        shuffled = (cross_sum - same_sum) / (n * (n - 1) * p * (p - 1))
-        within = self._within / (n * p * (p - 1))
-        return {"cos_same": same, "cos_shuffled": shuffled, "cos_gap": same - shuffled, "cos_within": within}
+        self._add(sample, "eval")
 
     def evaluate(self) -> EvalResult:
-        if not self._n["train"]:
+        stats = self._features
+        if not stats.n["train"]:
             raise ValueError(f"{self.name}: no train-split samples were processed (the regression is fitted on them)")
-        if not self._n["eval"]:
+        if not stats.n["eval"]:
             raise ValueError(f"{self.name}: no eval-split samples were processed")
-        r2 = self._r2()
+        r2 = stats.r2(self.ridge)
         metrics = {f"r2_{t}": float(v) for t, v in zip(TARGETS, r2)}
         metrics["r2"] = float(np.mean(r2))
-        metrics.update(self._cosines())
+        metrics.update(stats.cosines())
         metrics.update(
-            num_train_pixels=float(self._n["train"]), num_eval_pixels=float(self._n["eval"]), num_images=self._images
+            num_train_pixels=float(stats.n["train"]), num_eval_pixels=float(stats.n["eval"]), num_images=stats.images
         )
+        # the reference: the same measures of the one-hot labels, only when every image had one
+        if self._labelled["train"] and self._labelled["eval"] == stats.images and self._labels.images >= 2:
+            label_r2 = self._labels.r2(self.ridge)
+            metrics["label_r2"] = float(np.mean(label_r2))
+            metrics["label_cos_gap"] = self._labels.cosines()["cos_gap"]
         return EvalResult(metrics={f"{self.name}/{k}": float(v) for k, v in metrics.items()})
