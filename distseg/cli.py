@@ -61,12 +61,13 @@ def demo(
     """Run the pipeline end to end on the built-in synthetic data and log it to MLflow."""
     from distseg.data.synthetic import ScenesMismatch
     from distseg.demo import run_demo
+    from distseg.mining import MiningError
 
     extra = list(overrides or []) + ([f"workdir={workdir}"] if workdir else [])
     cfg = resolve(config, extra)
     try:
         run_demo(cfg)
-    except ScenesMismatch as e:  # e.g. an outputs/demo/ from before the demo's shared palette
+    except (ScenesMismatch, MiningError) as e:  # an outputs/demo/ from before the shared palette or the learned edges
         err.print(f"[red]error:[/red] {e}", highlight=False)
         err.print(f"the demo keeps everything under {cfg.workdir}: remove it to run the demo anew", highlight=False)
         raise typer.Exit(1) from None
@@ -122,6 +123,7 @@ def pretrain(
     """Pretrain pixel embeddings on grouping shards with Ray Train (resumable, checkpointed, logged to MLflow)."""
     from distseg.cluster import ResourceError
     from distseg.data.synthetic import ScenesMismatch
+    from distseg.mining import MiningError
     from distseg.train.ingest import IngestError
     from distseg.train.pretrain import pretrain as run_pretrain
 
@@ -129,7 +131,7 @@ def pretrain(
     cfg = resolve(config, extra + list(overrides or []))
     try:
         result = run_pretrain(cfg)
-    except (IngestError, ResourceError, FileNotFoundError, ScenesMismatch) as e:
+    except (IngestError, ResourceError, FileNotFoundError, ScenesMismatch, MiningError) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(1) from None
     losses = " ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if k.startswith("loss"))

@@ -248,3 +248,34 @@ def test_worker_restarts_are_bounded_and_the_failure_names_the_image(tmp_path, l
     # a restart budget smaller than the crashes an image may cause: the job stops instead of looping
     with pytest.raises(MiningError, match=r"its 1 restarts allow.*crash\.png \(2 attempts\).*rerun"):
         mine(cfg, str(tmp_path / "in"), str(tmp_path / "out"), progress=False, max_restarts=1, crash_limit=5)
+
+
+def test_an_output_mined_with_other_settings_is_refused_before_ray_starts(tmp_path):
+    """Rows of one output must agree: mining into a folder whose manifest records another edge detector,
+    hierarchy, prior section or image size stops with each differing key (old -> new) named; settings
+    a shard row does not depend on (pretraining, the seed) do not matter."""
+    from distseg.mining.manifest import check_settings, mining_settings
+
+    images = tmp_path / "in"
+    images.mkdir()
+    Image.fromarray(scene(0, 32)).save(images / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    old = load_config("demo", ["edges.detector=gradient", f"workdir={tmp_path}"])
+    (out / "_manifest.json").write_text(json.dumps({"config": old.model_dump(mode="json")}))
+
+    new = load_config("demo", ["edges.detector=learned", f"workdir={tmp_path}"])
+    with pytest.raises(
+        MiningError, match=r"out was mined with other settings \(edges\.detector: 'gradient' -> 'learned'\)"
+    ):
+        mine(new, str(images), str(out), progress=False)
+    assert not ray.is_initialized()
+    with pytest.raises(MiningError, match=r"hierarchy\.max_regions: 24 -> 30.*new --output"):
+        check_settings(load_config("demo", ["edges.detector=gradient", "hierarchy.max_regions=30"]), str(out))
+    with pytest.raises(MiningError, match=r"mine\.priors: \['ucm'\] -> \['ucm', 'slic'\]"):
+        check_settings(load_config("demo", ["edges.detector=gradient", "mine.priors=[ucm,slic]"]), str(out))
+    check_settings(load_config("demo", ["edges.detector=gradient", "pretrain.steps=7", "seed=3"]), str(out))
+    check_settings(old, str(tmp_path / "nowhere"))  # a new output: nothing to compare
+    # a prior's own section counts only when that prior is mined; the edges only for ucm
+    slic = mining_settings(load_config("demo", ["mine.priors=[slic]"]).model_dump(mode="json"))
+    assert "priors.slic.num_regions" in slic and not any(k.startswith(("edges.", "priors.ucm")) for k in slic)

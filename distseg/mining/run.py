@@ -10,7 +10,7 @@ from pathlib import Path
 from distseg.config import Config
 from distseg.mining.errors import MiningError
 from distseg.mining.listing import done_ids, list_images
-from distseg.mining.manifest import write_manifest
+from distseg.mining.manifest import check_settings, write_manifest
 from distseg.mining.monitor import MineMonitor, crash_message, is_actor_death
 from distseg.mining.progress import ProgressLine
 from distseg.mining.sink import ShardSink
@@ -89,6 +89,7 @@ def mine(
     inputs = source_image_files(input_uri, cfg.data.split) if source else list_images(input_uri, cfg.mine.extensions)
     if not inputs:
         raise FileNotFoundError(f"no images ({', '.join(cfg.mine.extensions)}) under {input_uri}")
+    check_settings(cfg, output_uri)
     done = done_ids(output_uri, include_errors=not cfg.mine.retry_errors)
     todo = [{"image_id": i, "uri": u} for i, u in inputs.items() if i not in done]
 
