@@ -134,6 +134,11 @@ class PretrainConfig(Section):
     crop: int = Field(224, ge=32, description="side of the square random-resized crops")
     crop_scale: tuple[float, float] = Field((0.3, 1.0), description="area range of the random resized crop")
     color_jitter: float = Field(0.4, ge=0, description="brightness/contrast/saturation jitter (hue: a quarter of it)")
+    vertical_flip: bool = Field(
+        False,
+        description="also flip each view upside down at random (for data with no up, as the synthetic scenes; "
+        "without it a network can learn the row, as the horizontal flip keeps it from learning the column)",
+    )
     max_regions: int = Field(64, ge=1, le=256, description="d_T padding size; images with more regions are an error")
     optimizer: str = Field("adam", pattern="^(adam|sgd)$", description="adam | sgd")
     lr: float = Field(1e-2, gt=0, description="peak learning rate")

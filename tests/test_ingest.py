@@ -63,6 +63,26 @@ def test_view_coordinates_point_at_each_pixels_source():
         assert (dx >= 0).all() or (dx <= 0).all()
 
 
+def test_vertical_flip_turns_some_views_upside_down_and_keeps_the_coordinates():
+    """pretrain.vertical_flip: rows of a view then run bottom-up in the source about half the time; the
+    coordinates still point at each pixel's source. Without it every view's rows run top-down."""
+    image, seg = quadrant_image(h=40, w=60)
+
+    def upside_down(views: PairedViews, n: int = 40) -> int:
+        flipped = 0
+        for _ in range(n):
+            v1, s1, c1, *_ = views(image, seg)
+            np.testing.assert_array_equal(seg[c1[0], c1[1]], s1)
+            dy = np.diff(c1[0], axis=0)
+            assert (dy >= 0).all() or (dy <= 0).all()
+            flipped += int((dy < 0).any())
+        return flipped
+
+    torch.manual_seed(4)
+    assert 8 <= upside_down(PairedViews(crop=24, crop_scale=(0.3, 1.0), color_jitter=0.0, vertical_flip=True)) <= 32
+    assert upside_down(PairedViews(crop=24, crop_scale=(0.3, 1.0), color_jitter=0.0)) == 0
+
+
 def _table(records: list[GroupingRecord], priors: list[str]) -> pa.Table:
     return pa.Table.from_pylist([encode_record(r, "png") for r in records], schema=shard_schema(priors))
 

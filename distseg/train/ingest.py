@@ -86,8 +86,10 @@ def segments_of(value: dict | None, height: int, width: int) -> tuple[np.ndarray
 class PairedViews:
     """Draw two augmented views of an image and its segment map (the same transform for both)."""
 
-    def __init__(self, crop: int, crop_scale: tuple[float, float], color_jitter: float):
+    def __init__(self, crop: int, crop_scale: tuple[float, float], color_jitter: float, vertical_flip: bool = False):
         geometric = [v2.RandomResizedCrop(crop, scale=tuple(crop_scale), antialias=True), v2.RandomHorizontalFlip()]
+        if vertical_flip:  # only when asked: the default draws exactly the random numbers it always drew
+            geometric.append(v2.RandomVerticalFlip())
         photometric = []
         if color_jitter > 0:
             j = color_jitter
@@ -125,7 +127,7 @@ class MakePairs:
     def __init__(self, cfg: dict, seed: int = 0):
         self.cfg = PretrainConfig.model_validate(cfg)
         self.seed = seed
-        self.views = PairedViews(self.cfg.crop, self.cfg.crop_scale, self.cfg.color_jitter)
+        self.views = PairedViews(self.cfg.crop, self.cfg.crop_scale, self.cfg.color_jitter, self.cfg.vertical_flip)
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
         cfg = self.cfg
