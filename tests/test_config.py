@@ -9,7 +9,8 @@ def test_shipped_demo_loads_with_its_values():
     cfg = load_config("demo")
     assert "demo" in shipped_configs()
     assert cfg.data.source == "synthetic"
-    assert cfg.edges.detector == "gradient"
+    assert cfg.edges.detector == "learned" and cfg.model.padding == "reflect" and cfg.pretrain.steps == 300
+    assert cfg.pretrain.vertical_flip
     assert cfg.hierarchy.max_regions == 24
 
 
