@@ -92,7 +92,7 @@ class LocalStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.method.after_step()
-        return terms
+        return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in terms.items()}
 
 
 def _batches(cfg: PretrainConfig, world: int, memory_batches: int = 0, seed: int = 0):
