@@ -177,6 +177,33 @@ def test_bad_inputs_are_processed_or_recorded(tmp_path, local_ray):
         )
 
 
+def _descendants(root: int) -> list[int]:
+    """Every live descendant of process `root` (from /proc: parent links), children before grandchildren."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def test_sigkill_midway_then_resume_gives_exactly_one_row_per_image(tmp_path):
     images = tmp_path / "in"
     images.mkdir()
@@ -205,8 +232,19 @@ def test_sigkill_midway_then_resume_gives_exactly_one_row_per_image(tmp_path):
     # one actor works through 4 blocks in turn: kill as soon as the first block's shard lands
     while time.time() < deadline and not list((out / "shards").glob("*.parquet")):
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the job and the Ray cluster it started, all at once
+    # the job and the Ray cluster it started, all at once: every descendant of the job (Ray's daemons
+    # and workers, whatever process group they run in), so no worker of the killed run writes on
+    family = _descendants(proc.pid)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
+    gone = time.time() + 30
+    while time.time() < gone and any(os.path.exists(f"/proc/{pid}") and not _zombie(pid) for pid in family):
+        time.sleep(0.1)
     first = len(read_rows(out))
     assert 0 < first < n, f"the kill should land midway, found {first} of {n} rows"
     assert not list((out / "shards").glob("*.tmp"))  # temporary files are hidden, and never read
