@@ -27,13 +27,15 @@ Two measures, both on L2-normalised features (the cosine geometry of the cluster
   1 means all pixels of an image look alike, an image-identity code). A feature map smaller than
   ``grid`` on a side repeats pixels in its samples, which raises ``cos_within`` and ``cos_shuffled``.
 
-Content can carry position too: where objects sit in a dataset's frames is not uniform (the
-synthetic scenes keep objects off the borders; photographers centre their subject), so an embedding
-that holds only the classes also scores above 0 on both measures. Where the samples carry labels,
-the same two measures of the one-hot labels at the feature grid (an embedding that is exactly the
-classes) are reported as ``label_r2`` and ``label_cos_gap``: the same for every feature source, and
-the level that content alone explains. Labels are used for nothing else. Non-stochastic.
-``num_train_pixels`` / ``num_eval_pixels`` / ``num_images`` are reported too.
+Content can carry position too: where things sit in a dataset's frames is not uniform
+(photographers centre their subject, the sky is at the top: on MSRC-v2 val the labels alone read
+R^2 0.113; on the synthetic scenes 0.014), so an embedding that holds only the classes can score
+above 0 on both measures. Where the samples carry labels, the same two measures of the one-hot
+labels at the feature grid (an embedding that is exactly the classes) are reported as ``label_r2``
+and ``label_cos_gap``: the same for every feature source, and the level that content alone explains.
+They are accumulated once per feature source (cheap: one-hot vectors at the feature grid), so the
+protocol stays a self-contained reset/process/evaluate. Labels are used for nothing else.
+Non-stochastic. ``num_train_pixels`` / ``num_eval_pixels`` / ``num_images`` are reported too.
 """
 
 from __future__ import annotations
