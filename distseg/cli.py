@@ -106,6 +106,12 @@ def mine(
         f"{summary.new} processed this run, {summary.skipped} already present; "
         f"{summary.seconds:.1f} s; shards in {summary.output}"
     )
+    if summary.duplicates:
+        typer.secho(
+            f"removed {summary.duplicates} repeated rows of images already in the shards "
+            "(a retried write, or a worker of an earlier killed run)",
+            fg="yellow",
+        )
     typer.echo(f"mined {summary.mined} images, {summary.errors} errors")
 
 

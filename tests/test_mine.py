@@ -318,3 +318,55 @@ def test_an_output_mined_with_other_settings_is_refused_before_ray_starts(tmp_pa
     # a prior's own section counts only when that prior is mined; the edges only for ucm
     slic = mining_settings(load_config("demo", ["mine.priors=[slic]"]).model_dump(mode="json"))
     assert "priors.slic.num_regions" in slic and not any(k.startswith(("edges.", "priors.ucm")) for k in slic)
+
+
+def test_repeated_rows_from_a_late_shard_are_left_out_then_removed_by_the_next_run(tmp_path, local_ray):
+    """A shard landing after a run listed what was done (a killed run's worker outliving its driver, or a
+    retried write) can repeat images: ingest reads only the shards the manifest lists, and the next
+    finished mining run keeps one row per image, rewriting a shard that is partly a repeat."""
+    import pyarrow as pa
+
+    from distseg.train.ingest import count_rows, shard_files
+
+    images = tmp_path / "in"
+    images.mkdir()
+    for i in range(4):
+        Image.fromarray(scene(i, 32)).save(images / f"img{i}.png")
+    out = tmp_path / "out"
+    cfg = load_config("demo", ["edges.detector=gradient", "mine.rows_per_shard=2", f"workdir={tmp_path / 'work'}"])
+    assert mine(cfg, str(images), str(out), progress=False, track=False).duplicates == 0
+    listed = sorted((out / "shards").glob("*.parquet"))
+    rows = pq.read_table(out / "shards").to_pylist()
+    assert sorted(r["image_id"] for r in rows) == [f"img{i}" for i in range(4)]
+
+    # img0 moves out of its shard into a late one, beside a repeat of img1 and a whole late copy of another
+    table = pq.read_table(out / "shards")
+    by_id = {r["image_id"]: i for i, r in enumerate(table.select(["image_id"]).to_pylist())}
+    late = table.take([by_id["img0"], by_id["img1"]])
+    pq.write_table(late, out / "shards" / "part-99999999-000000-late0001.parquet")
+    copy = pq.read_table(listed[-1])
+    pq.write_table(copy, out / "shards" / "part-99999999-000000-late0002.parquet")
+    for path in listed:
+        t = pq.read_table(path)
+        pq.write_table(t.filter(pa.compute.not_equal(t.column("image_id"), "img0")), path)
+
+    # ingest: the manifest's shards only (img0 is in none of them now: 3 rows), with a warning naming them
+    with pytest.warns(UserWarning, match=r"2 shard file\(s\) not in .*_manifest\.json left out .*late0001"):
+        files = shard_files(out)
+    assert [f.rsplit("/", 1)[-1] for f in files] == [p.name for p in listed]
+    with pytest.warns(UserWarning):
+        assert count_rows(out) == 3
+
+    # the next run has nothing to mine, removes the repeated rows and lists every shard left
+    repeats = 1 + copy.num_rows  # img1 in the first late shard, all of the second
+    summary = mine(cfg, str(images), str(out), progress=False, track=False)
+    assert (summary.new, summary.duplicates, summary.mined) == (0, repeats, 4)
+    ids = pq.read_table(out / "shards").column("image_id").to_pylist()
+    assert sorted(ids) == [f"img{i}" for i in range(4)]
+    assert not (out / "shards" / "part-99999999-000000-late0002.parquet").exists()  # all repeats: deleted
+    kept = pq.read_table(out / "shards" / "part-99999999-000000-late0001.parquet")
+    assert kept.column("image_id").to_pylist() == ["img0"]  # the repeat of img1 dropped, img0 kept
+    assert kept.schema.metadata == table.schema.metadata  # the shard's config stays with it
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert (manifest["rows"], manifest["duplicates_dropped"]) == (4, repeats)
+    assert count_rows(out) == 4  # no warning now: every shard is listed

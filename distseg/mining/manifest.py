@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -13,13 +14,47 @@ from distseg.core.constants import SHARD_SCHEMA_VERSION
 from distseg.mining.errors import MiningError
 from distseg.mining.listing import ERRORS, SHARDS, read_ids, resolve_uri
 from distseg.shards import config_hash
-from distseg.storage import write_bytes
+from distseg.storage import write_bytes, write_parquet
 
 MANIFEST = "_manifest.json"
 
 
+def drop_duplicate_rows(fs: pafs.FileSystem, root: str) -> int:
+    """One row per image in the shards of a mining output: a shard repeating an image id of an earlier
+    shard (by name; names start with the write time) is rewritten without those rows, or deleted when
+    none are left. Returns the number of rows dropped.
+
+    A repeat can land when Ray retries a write task whose shard was already written, or when a worker of
+    a killed run writes its shard after the rerun listed what was done (seen once: a Ray worker outlived
+    its SIGKILLed driver and raylet). check_settings makes both copies come from the same settings, so
+    which one stays does not matter. Reads only the image_id column of each shard."""
+    shard_dir = f"{root}/{SHARDS}"
+    if fs.get_file_info(shard_dir).type != pafs.FileType.Directory:
+        return 0
+    seen: set[str] = set()
+    dropped = 0
+    for info in sorted(fs.get_file_info(pafs.FileSelector(shard_dir)), key=lambda i: i.path):
+        if not info.path.endswith(".parquet"):
+            continue
+        ids = pq.read_table(info.path, columns=["image_id"], filesystem=fs).column("image_id").to_pylist()
+        repeat = [i in seen for i in ids]
+        seen.update(ids)
+        if not any(repeat):
+            continue
+        dropped += sum(repeat)
+        if all(repeat):
+            fs.delete_file(info.path)
+            continue
+        table = pq.read_table(info.path, filesystem=fs)
+        write_parquet(table.filter(pa.array([not r for r in repeat])), fs, info.path)
+    return dropped
+
+
 def write_manifest(cfg: Config, input_uri: str, output_uri: str, inputs: dict[str, str]) -> dict:
+    """_manifest.json of a finished mining run: the shards (after drop_duplicate_rows), rows, errors and
+    the config. It is the output's record of which shard files hold it (ingest reads the files it lists)."""
     fs, root = resolve_uri(output_uri)
+    duplicates = drop_duplicate_rows(fs, root)
     shards, rows = [], 0
     shard_dir = f"{root}/{SHARDS}"
     if fs.get_file_info(shard_dir).type == pafs.FileType.Directory:
@@ -43,6 +78,7 @@ def write_manifest(cfg: Config, input_uri: str, output_uri: str, inputs: dict[st
         "priors": cfg.mine.priors,
         "rows": rows,
         "errors": errors,
+        "duplicates_dropped": duplicates,
         "shards": shards,
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -29,6 +29,7 @@ class MineSummary:
     seconds: float
     output: str
     crashed: int = 0  # images of this run recorded as `worker_crash` errors
+    duplicates: int = 0  # repeated rows of an image removed from the shards (manifest.drop_duplicate_rows)
     processing_seconds: float | None = None  # first image started -> last image finished (no Ray/actor start-up)
     workers: list[dict] = field(
         default_factory=list
@@ -160,6 +161,7 @@ def mine(
         seconds=time.perf_counter() - t0,
         output=output_uri,
         crashed=report.get("crashed", 0),
+        duplicates=manifest["duplicates_dropped"],
         processing_seconds=(last - first) if first is not None and last is not None else None,
         workers=sorted(report.get("workers", []), key=lambda w: w["pid"]),
     )
@@ -181,6 +183,7 @@ def _log_run(cfg: Config, summary: MineSummary, manifest: dict, input_uri: str) 
             "skipped": summary.skipped,
             "seconds": summary.seconds,
             "crashed": summary.crashed,
+            "duplicates_dropped": summary.duplicates,
         }
         if summary.new and summary.processing_seconds:
             metrics["images_per_s"] = summary.new / summary.processing_seconds

@@ -11,6 +11,8 @@ means the same region of the same image in both views. Pixels a view does not co
 from __future__ import annotations
 
 import hashlib
+import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +33,51 @@ class IngestError(ValueError):
 
 def shard_files(shards: str | Path) -> list[str]:
     """The Parquet files of a mining output folder (or of a folder of Parquet files): a local path or a
-    pyarrow filesystem URI (s3://, gs://, file://; the files come back as URIs of the same scheme)."""
+    pyarrow filesystem URI (s3://, gs://, file://; the files come back as URIs of the same scheme).
+
+    Where the output has a _manifest.json listing its shards (every finished `distseg mine` run and
+    every distill version writes one), those files and only those: a shard written after it (by a
+    killed run's worker, or a run still going) is left out with a warning, until the next finished
+    mining run checks it for repeated images (mining.manifest.drop_duplicate_rows) and lists it."""
     root = str(shards)
     folder = storage.join(root, "shards") if storage.is_dir(storage.join(root, "shards")) else root
     files = storage.list_files(folder, ".parquet")
+    if folder != root:
+        files = _listed_in_manifest(root, folder, files)
     if not files:
         raise IngestError(f"no Parquet shards under {folder} (run `distseg mine` and pass its --output folder)")
     return files
+
+
+def _listed_in_manifest(root: str, folder: str, files: list[str]) -> list[str]:
+    """`files` narrowed to the shards the output's _manifest.json lists (all of them when it has none)."""
+    path = storage.join(root, "_manifest.json")
+    text = storage.read_text(path)
+    if text is None:
+        return files
+    try:
+        listed = json.loads(text).get("shards")
+    except (ValueError, AttributeError) as e:
+        raise IngestError(f"{path} is not a readable manifest ({e}); rerun `distseg mine` to rewrite it") from None
+    if listed is None:
+        return files
+    present = {f.rsplit("/", 1)[-1]: f for f in files}
+    names = [entry["path"].rsplit("/", 1)[-1] for entry in listed]
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise IngestError(
+            f"{path} lists {len(missing)} shard file(s) missing from {folder} (first: {missing[0]}); "
+            "the output was changed after mining: mine it again into a new --output"
+        )
+    extra = sorted(set(present) - set(names))
+    if extra:
+        warnings.warn(
+            f"{folder}: {len(extra)} shard file(s) not in {path} left out (first: {extra[0]}): written after "
+            "the last finished `distseg mine` run (a killed run's worker, or a run still going); rerun "
+            "`distseg mine` with the same --output to check them for repeated images and list them",
+            stacklevel=3,
+        )
+    return [present[n] for n in names]
 
 
 def _parquet(path: str) -> pq.ParquetFile:
