@@ -170,6 +170,36 @@ def test_unlabelled_samples_are_skipped_but_clustered_by_dataset_kmeans():
     assert run("dataset_kmeans", SEPARABLE + [unlabelled]).metrics["dataset_kmeans/miou"] > 0.95
 
 
+def test_dataset_kmeans_keeps_the_best_of_its_restarts():
+    """One k-means initialisation often stops in a local minimum (two centroids in one class, one
+    centroid across two): the restarts keep the initialisation with the best k-means objective, which
+    here is the one that finds all 8 classes, whatever the seed. The objective never gets worse."""
+    from distseg.eval.protocols.base import _l2_normalize, _spherical_kmeans
+
+    k = 8
+    rng = np.random.default_rng(0)
+    centres = _l2_normalize(rng.normal(size=(k, 16)))
+    classes = np.repeat(np.arange(k), 200)
+    x = _l2_normalize(centres[classes] + 0.15 * rng.normal(size=(len(classes), 16))).astype(np.float32)
+    objective = lambda c: (x @ c.T).max(1).sum()  # noqa: E731
+    once = [objective(_spherical_kmeans(x, k, seed, 30, restarts=1)) for seed in range(6)]
+    best = [objective(_spherical_kmeans(x, k, seed, 30, restarts=10)) for seed in range(6)]
+    assert all(b >= o - 1e-3 for o, b in zip(once, best))
+    assert sum(o < max(best) - 10 for o in once) >= 3  # most single starts land in a local minimum
+
+    def miou(restarts, seed):
+        evaluator = create_protocol("dataset_kmeans", k, seed=seed, restarts=restarts)
+        for i in range(4):  # 4 "images" of 16 x 25 pixels, classes mixed across them
+            part = slice(i * 400, (i + 1) * 400)
+            evaluator.process(
+                FeatureSample(f"img{i}", x[part].T.reshape(16, 16, 25), classes[part].reshape(16, 25), "eval")
+            )
+        return evaluator.evaluate().metrics["dataset_kmeans/miou"]
+
+    assert [miou(10, seed) for seed in range(3)] == pytest.approx([1.0, 1.0, 1.0])
+    assert min(miou(1, seed) for seed in range(3)) < 0.9
+
+
 def test_protocols_without_train_data_say_so():
     with pytest.raises(ValueError, match="train"):
         run("linear", SEPARABLE[4:])

@@ -118,13 +118,16 @@ def _l2_normalize(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-def _spherical_kmeans(x: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray:
-    """Unit-norm centroids ``(min(k, n), D)`` of the (unit-norm) rows of ``x``."""
+def _spherical_kmeans(x: np.ndarray, k: int, seed: int, niter: int, restarts: int = 1) -> np.ndarray:
+    """Unit-norm centroids ``(min(k, n), D)`` of the (unit-norm) rows of ``x``; with ``restarts`` > 1,
+    those of the best of that many seeded initialisations (highest summed cosine to the nearest
+    centroid: k-means' own objective, no labels; faiss' ``nredo``)."""
     k = min(k, x.shape[0])
     km = faiss.Kmeans(
         x.shape[1],
         k,
         niter=niter,
+        nredo=restarts,
         seed=seed,
         spherical=True,
         verbose=False,
