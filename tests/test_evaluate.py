@@ -72,12 +72,16 @@ def test_evaluate_checkpoint_and_baseline_with_seeds(tmp_path):
     lines = [line.split("\r")[-1].strip() for line in result.output.strip().splitlines()]  # drop progress bars
     assert lines[-1] == f"wrote {out}/metrics.json"
     # the protocols, then the position diagnostic (on by default): r2, cos_gap, what the labels alone read
-    assert [line.split(":")[0] for line in lines[-8:-1]] == [*PROTOCOLS, "position", "position", "position"]
-    assert "checkpoint" in lines[-8] and "rgbxy" in lines[-8] and "+-" in lines[-8]
-    assert lines[-4].startswith("position: r2 checkpoint ") and "rgbxy" in lines[-4] and "+-" not in lines[-4]
-    assert lines[-3].startswith("position: cos_gap checkpoint ")
+    assert [line.split(":")[0] for line in lines[-9:-1]] == [*PROTOCOLS, *["position"] * 4]
+    assert "checkpoint" in lines[-9] and "rgbxy" in lines[-9] and "+-" in lines[-9]
+    assert lines[-5].startswith("position: r2 checkpoint ") and "rgbxy" in lines[-5] and "+-" not in lines[-5]
+    assert lines[-4].startswith("position: cos_gap checkpoint ")
+    assert lines[-3].startswith("position: cos_gap_rel checkpoint ")
+    number = r"-?\d\.\d{3}"
     assert re.fullmatch(
-        r"position: labels alone \(reference\) label_r2 -?\d\.\d{3}, label_cos_gap -?\d\.\d{3}", lines[-2]
+        rf"position: labels alone \(reference\) label_r2 {number}, label_cos_gap {number}, "
+        rf"label_cos_gap_rel {number}",
+        lines[-2],
     )
 
     metrics = json.loads((out / "metrics.json").read_text())

@@ -95,7 +95,7 @@ def test_paper_protocol_defaults():
     retrieval = protocol_kwargs("retrieval", {})
     assert retrieval["segments_per_image"] == 15 and retrieval["num_neighbors"] == 1
     assert protocol_info("position").headline == "r2" and protocol_info("position").needs_train
-    assert not protocol_info("position").stochastic and protocol_info("position").summary == ("cos_gap",)
+    assert not protocol_info("position").stochastic and protocol_info("position").summary == ("cos_gap", "cos_gap_rel")
 
 
 @pytest.mark.parametrize("name, kwargs, data", CASES)
@@ -277,6 +277,31 @@ def test_position_features_score_r2_one_and_the_cosines_match_brute_force():
     assert result["position/cos_shuffled"] == pytest.approx(np.mean(shuffled), abs=1e-6)
     assert result["position/cos_gap"] == pytest.approx(np.mean(same) - np.mean(shuffled), abs=1e-6)
     assert result["position/cos_within"] == pytest.approx(np.mean(within), abs=1e-6)
+    gap_rel = (np.mean(same) - np.mean(shuffled)) / (1 - np.mean(shuffled))
+    assert result["position/cos_gap_rel"] == pytest.approx(gap_rel, abs=1e-5)  # float32 features
+
+
+def test_the_relative_gap_does_not_depend_on_how_alike_all_pixels_are():
+    """A channel shared by every pixel (a random network's features mostly point one way) shrinks
+    cos_gap in cosine units but leaves cos_gap_rel exactly where it was: with unit codes c and a
+    shared channel k, every cosine is (k^2 + c.c') / (k^2 + 1)."""
+    rng = np.random.default_rng(2)
+    codes = []
+    for _ in range(6):
+        code = 0.3 * rng.standard_normal((4, 6, 6)) + np.sin(np.arange(6))[None, :, None]  # a row code
+        codes.append(code / np.linalg.norm(code, axis=0, keepdims=True))
+
+    def measure(k):
+        samples = [
+            FeatureSample(f"img{i}", np.concatenate([np.full((1, 6, 6), k), c]), None, "train" if i < 2 else "eval")
+            for i, c in enumerate(codes)
+        ]
+        return run("position", samples, grid=3).metrics
+
+    plain, shared = measure(0.0), measure(3.0)
+    assert plain["position/cos_gap"] > 0.1
+    assert shared["position/cos_gap"] == pytest.approx(plain["position/cos_gap"] / 10, rel=1e-4)
+    assert shared["position/cos_gap_rel"] == pytest.approx(plain["position/cos_gap_rel"], rel=1e-4)
 
 
 def test_position_reports_what_the_labels_alone_read():
