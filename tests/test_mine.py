@@ -370,3 +370,27 @@ def test_repeated_rows_from_a_late_shard_are_left_out_then_removed_by_the_next_r
     manifest = json.loads((out / "_manifest.json").read_text())
     assert (manifest["rows"], manifest["duplicates_dropped"]) == (4, repeats)
     assert count_rows(out) == 4  # no warning now: every shard is listed
+
+
+def test_retrying_errors_leaves_one_error_row_per_image_still_failing(tmp_path, local_ray):
+    """mine.retry_errors tries the errors table's images again: one that now decodes becomes a row and
+    loses its error row; one that fails again keeps a single error row (its latest), not two."""
+    images = tmp_path / "in"
+    images.mkdir()
+    Image.fromarray(scene(0, 32)).save(images / "good.png")
+    (images / "fixable.png").write_bytes(b"not yet an image")
+    (images / "broken.png").write_bytes(b"never an image")
+    out = tmp_path / "out"
+    cfg = load_config("demo", ["edges.detector=gradient", f"workdir={tmp_path / 'work'}"])
+    first = mine(cfg, str(images), str(out), progress=False, track=False)
+    assert (first.mined, first.errors) == (1, 2)
+
+    Image.fromarray(scene(1, 32)).save(images / "fixable.png")
+    retry = cfg.model_copy(update={"mine": cfg.mine.model_copy(update={"retry_errors": True})})
+    again = mine(retry, str(images), str(out), progress=False, track=False)
+    assert (again.new, again.mined, again.errors) == (2, 2, 1)
+    assert sorted(r["image_id"] for r in read_rows(out)) == ["fixable", "good"]
+    errors = pq.read_table(out / "errors").to_pylist()
+    assert [e["image_id"] for e in errors] == ["broken"] and errors[0]["stage"] == "decode"
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert (manifest["errors"], manifest["settled_errors_dropped"]) == (1, 2)

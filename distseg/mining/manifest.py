@@ -19,42 +19,67 @@ from distseg.storage import write_bytes, write_parquet
 MANIFEST = "_manifest.json"
 
 
-def drop_duplicate_rows(fs: pafs.FileSystem, root: str) -> int:
+def drop_duplicate_rows(fs: pafs.FileSystem, root: str) -> tuple[int, set[str]]:
     """One row per image in the shards of a mining output: a shard repeating an image id of an earlier
     shard (by name; names start with the write time) is rewritten without those rows, or deleted when
-    none are left. Returns the number of rows dropped.
+    none are left. Returns the number of rows dropped and the ids in the shards.
 
     A repeat can land when Ray retries a write task whose shard was already written, or when a worker of
     a killed run writes its shard after the rerun listed what was done (seen once: a Ray worker outlived
     its SIGKILLed driver and raylet). check_settings makes both copies come from the same settings, so
     which one stays does not matter. Reads only the image_id column of each shard."""
-    shard_dir = f"{root}/{SHARDS}"
-    if fs.get_file_info(shard_dir).type != pafs.FileType.Directory:
-        return 0
     seen: set[str] = set()
     dropped = 0
-    for info in sorted(fs.get_file_info(pafs.FileSelector(shard_dir)), key=lambda i: i.path):
-        if not info.path.endswith(".parquet"):
-            continue
-        ids = pq.read_table(info.path, columns=["image_id"], filesystem=fs).column("image_id").to_pylist()
+    for path in _parquet_files(fs, f"{root}/{SHARDS}"):
+        ids = pq.read_table(path, columns=["image_id"], filesystem=fs).column("image_id").to_pylist()
         repeat = [i in seen for i in ids]
         seen.update(ids)
-        if not any(repeat):
-            continue
-        dropped += sum(repeat)
-        if all(repeat):
-            fs.delete_file(info.path)
-            continue
-        table = pq.read_table(info.path, filesystem=fs)
-        write_parquet(table.filter(pa.array([not r for r in repeat])), fs, info.path)
+        dropped += _drop_rows(fs, path, repeat)
+    return dropped, seen
+
+
+def drop_settled_errors(fs: pafs.FileSystem, root: str, mined: set[str]) -> int:
+    """One error row per image that is not mined: the latest attempt's. With `mine.retry_errors` a rerun
+    tries the errors table's images again; one that succeeds leaves its old error row behind, one that
+    fails again adds a second. Both are dropped here (the errors files rewritten without them), so the
+    errors table and the count printed are the images that failed and still have no row."""
+    seen: set[str] = set()
+    dropped = 0
+    for path in reversed(_parquet_files(fs, f"{root}/{ERRORS}")):  # the latest attempt first
+        ids = pq.read_table(path, columns=["image_id"], filesystem=fs).column("image_id").to_pylist()
+        stale = [i in mined or i in seen for i in ids]
+        seen.update(ids)
+        dropped += _drop_rows(fs, path, stale)
     return dropped
 
 
+def _parquet_files(fs: pafs.FileSystem, folder: str) -> list[str]:
+    if fs.get_file_info(folder).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(folder))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+
+def _drop_rows(fs: pafs.FileSystem, path: str, drop: list[bool]) -> int:
+    """Rewrite a Parquet file without the rows marked in `drop` (whole, as write_parquet), or delete it
+    when every row is; returns how many rows went."""
+    if not any(drop):
+        return 0
+    if all(drop):
+        fs.delete_file(path)
+    else:
+        table = pq.read_table(path, filesystem=fs)
+        write_parquet(table.filter(pa.array([not d for d in drop])), fs, path)
+    return sum(drop)
+
+
 def write_manifest(cfg: Config, input_uri: str, output_uri: str, inputs: dict[str, str]) -> dict:
-    """_manifest.json of a finished mining run: the shards (after drop_duplicate_rows), rows, errors and
-    the config. It is the output's record of which shard files hold it (ingest reads the files it lists)."""
+    """_manifest.json of a finished mining run: the shards (after drop_duplicate_rows), rows, errors
+    (after drop_settled_errors) and the config. It is the output's record of which shard files hold it
+    (ingest reads the files it lists)."""
     fs, root = resolve_uri(output_uri)
-    duplicates = drop_duplicate_rows(fs, root)
+    duplicates, mined = drop_duplicate_rows(fs, root)
+    settled = drop_settled_errors(fs, root, mined)
     shards, rows = [], 0
     shard_dir = f"{root}/{SHARDS}"
     if fs.get_file_info(shard_dir).type == pafs.FileType.Directory:
@@ -79,6 +104,7 @@ def write_manifest(cfg: Config, input_uri: str, output_uri: str, inputs: dict[st
         "rows": rows,
         "errors": errors,
         "duplicates_dropped": duplicates,
+        "settled_errors_dropped": settled,
         "shards": shards,
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
