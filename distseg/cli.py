@@ -85,7 +85,12 @@ def mine(
     output: str = typer.Option(
         ..., "--output", "-o", help="where shards/, errors/ and _manifest.json go (local or s3:// / gs://)"
     ),
-    config: str = typer.Option("demo", "--config", "-c", help=CONFIG_HELP),
+    config: str = typer.Option(
+        "hiergroup",
+        "--config",
+        "-c",
+        help=CONFIG_HELP + " (default hiergroup: the paper's ucm settings, long side 512 px; demo: 128 px)",
+    ),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="stop at the first bad image instead of recording it"),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (e.g. mine.priors=[ucm,saliency])"),
 ) -> None:
@@ -94,6 +99,7 @@ def mine(
     from distseg.mining import mine as run_mine
 
     cfg = resolve(config, overrides)
+    err.print(mining_line(config, cfg), highlight=False, soft_wrap=True)
     try:
         summary = run_mine(cfg, input, output, fail_fast=fail_fast)
     except (MiningError, FileNotFoundError, ValueError) as e:
@@ -113,6 +119,16 @@ def mine(
             fg="yellow",
         )
     typer.echo(f"mined {summary.mined} images, {summary.errors} errors")
+
+
+def mining_line(config: str, cfg) -> str:
+    """What a mining run will do to each image, before it starts (the settings a shard row depends on)."""
+    mine = cfg.mine
+    size = f"long side at most {mine.max_side} px" if mine.max_side else "images kept at full size"
+    line = f"mining with config {config!r}: priors {', '.join(mine.priors)}; {size}"
+    if "ucm" in mine.priors:
+        line += f"; ucm: {cfg.edges.detector} edges, at most {cfg.hierarchy.max_regions} regions"
+    return line
 
 
 @app.command()

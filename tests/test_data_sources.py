@@ -306,6 +306,8 @@ def test_mine_input_a_labelled_source(tmp_path: Path) -> None:
         ],
     )
     assert result.exit_code == 0, result.output
+    # the default config is the paper's (as pretrain's), and the run says first what it does to an image
+    assert "mining with config 'hiergroup': priors slic; long side at most 512 px\n" in result.output
     train = [i for i in ids if hash_split(i) == "train"]
     assert f"mined {len(train)} images, 0 errors" in result.output
     rows = pq.read_table(out / "shards", columns=["image_id"]).column("image_id").to_pylist()
