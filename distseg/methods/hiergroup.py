@@ -27,20 +27,20 @@ The grouping prior is a tree over leaf regions; d_T(a, b) is the height at which
 
 Readings and departures, each deliberate:
 - Pos+(i) is tau(Pos(i)) only: the positives drawn in the anchor's own view are not scored
-  (`same_view_positives=False`). With them, a pure crop-position code beats chance: own-region
-  positives lie next to the anchor in the same view, negatives farther away. Measured on 8 synthetic
-  scenes with their ucm regions, 64-px views, 20 draws each, 3 scene sets (tests/test_hiergroup.py):
-  loss(position code) - loss(chance) = -0.007, -0.027, -0.016 nats with them and +0.015, -0.006, +0.000
-  without; a code that knows the regions gains -0.13, -0.14, -0.11 vs -0.13, -0.13, -0.11, so the
-  grouping signal is kept. Same-view negatives stay. `same_view_positives=True` restores the paper's
-  Pos(i) U tau(Pos(i)). Open question: in trained networks the position argument has not held.
-  Once on the old demo (one seed, 150 steps, zero padding): with the paper's form dataset k-means
-  0.187 vs 0.143, linear 0.340 vs 0.336, kNN 0.320 vs 0.308, position R^2 0.656 vs 0.634, cosine gap
-  0.145 vs 0.241. On today's demo (3 seeds, 300 steps, reflect padding; README, Results): the paper's
-  form halves the position measures (R^2 0.028 vs 0.064, relative cosine gap 0.022 vs 0.054, the
-  random network 0.055) and scores a little lower (k-means 0.142 vs 0.164, linear 0.259 vs 0.268,
-  kNN 0.288 vs 0.298, each within about one standard deviation over seeds). The default stays as
-  the MSRC tables were trained until an MSRC run at GPU scale decides it.
+  (`same_view_positives=False`). With them, a pure crop-position code beats chance: own-region positives
+  lie next to the anchor in the same view, negatives farther away. Measured on 8 synthetic scenes with
+  their ucm regions, 64-px views, 20 draws each, 3 scene sets (tests/test_hiergroup.py): loss(position
+  code) - loss(chance) = -0.007, -0.028, -0.017 nats with them and +0.010, -0.007, -0.001 without; a
+  code that knows the regions gains -0.14, -0.14, -0.13 vs -0.13, -0.15, -0.12, so the grouping signal
+  is kept (remeasured with the centre-aligned segment resize). Same-view negatives stay.
+  `same_view_positives=True` restores the paper's Pos(i) U tau(Pos(i)). Open question: in trained
+  networks the position argument has not held. Once on the old demo (one seed, 150 steps, zero padding):
+  with the paper's form dataset k-means 0.187 vs 0.143, linear 0.340 vs 0.336, kNN 0.320 vs 0.308,
+  position R^2 0.656 vs 0.634, cosine gap 0.145 vs 0.241. On today's demo (3 seeds, 300 steps, reflect
+  padding; README, Results): the paper's form halves the position measures (R^2 0.028 vs 0.064, relative
+  cosine gap 0.022 vs 0.054, the random network 0.055) and scores a little lower (k-means 0.142 vs
+  0.164, linear 0.259 vs 0.268, kNN 0.288 vs 0.298, each within about one standard deviation over
+  seeds). The default stays as the MSRC tables were trained until an MSRC run at GPU scale decides it.
 - M in Eqs. 2-3 is the set of sampled regions, not all leaf regions. With all 40 leaves, our d_T
   (median 0.88 between MSRC leaves) gives the anchor's own region only 8-10 % of the positives, so most
   "positives" are arbitrary pixels of the same image and the task becomes image identity (the fidelity
@@ -398,5 +398,6 @@ class HierGroup(Method):
 
 
 def resize_coords(coord: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, 2, S, S) source coordinates -> (B, 2, h, w) at the embedding grid (nearest, as the segments)."""
-    return torch.nn.functional.interpolate(coord.float(), size=size, mode="nearest")
+    """(B, 2, S, S) source coordinates -> (B, 2, h, w) at the embedding grid (each cell's centre pixel,
+    as the segments: `nearest-exact`)."""
+    return torch.nn.functional.interpolate(coord.float(), size=size, mode="nearest-exact")
