@@ -40,15 +40,22 @@ def list_images(input_uri: str, extensions: list[str]) -> dict[str, str]:
     return {image_id: f"{prefix}{root}/{rel}" for image_id, rel in ids.items()}
 
 
+def parquet_files(fs: pafs.FileSystem, folder: str) -> list[str]:
+    """The Parquet files directly in `folder`, sorted by name (none if the folder does not exist)."""
+    if fs.get_file_info(folder).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(folder))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+
+def file_ids(fs: pafs.FileSystem, path: str) -> list[str]:
+    """The image_id column of one Parquet file."""
+    return pq.read_table(path, columns=["image_id"], filesystem=fs).column("image_id").to_pylist()
+
+
 def read_ids(fs: pafs.FileSystem, folder: str) -> list[str]:
     """The image_id column of every Parquet file in `folder` (none if the folder does not exist)."""
-    ids: list[str] = []
-    if fs.get_file_info(folder).type != pafs.FileType.Directory:
-        return ids
-    for info in fs.get_file_info(pafs.FileSelector(folder)):
-        if info.path.endswith(".parquet"):
-            ids += pq.read_table(info.path, columns=["image_id"], filesystem=fs).column("image_id").to_pylist()
-    return ids
+    return [i for path in parquet_files(fs, folder) for i in file_ids(fs, path)]
 
 
 def done_ids(output_uri: str, include_errors: bool = True) -> set[str]:

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from distseg.config import Config, flatten
 from distseg.core.constants import SHARD_SCHEMA_VERSION
 from distseg.mining.errors import MiningError
-from distseg.mining.listing import ERRORS, SHARDS, read_ids, resolve_uri
+from distseg.mining.listing import ERRORS, SHARDS, file_ids, parquet_files, read_ids, resolve_uri
 from distseg.shards import config_hash
 from distseg.storage import write_bytes, write_parquet
 
@@ -30,8 +30,8 @@ def drop_duplicate_rows(fs: pafs.FileSystem, root: str) -> tuple[int, set[str]]:
     which one stays does not matter. Reads only the image_id column of each shard."""
     seen: set[str] = set()
     dropped = 0
-    for path in _parquet_files(fs, f"{root}/{SHARDS}"):
-        ids = pq.read_table(path, columns=["image_id"], filesystem=fs).column("image_id").to_pylist()
+    for path in parquet_files(fs, f"{root}/{SHARDS}"):
+        ids = file_ids(fs, path)
         repeat = [i in seen for i in ids]
         seen.update(ids)
         dropped += _drop_rows(fs, path, repeat)
@@ -45,19 +45,12 @@ def drop_settled_errors(fs: pafs.FileSystem, root: str, mined: set[str]) -> int:
     errors table and the count printed are the images that failed and still have no row."""
     seen: set[str] = set()
     dropped = 0
-    for path in reversed(_parquet_files(fs, f"{root}/{ERRORS}")):  # the latest attempt first
-        ids = pq.read_table(path, columns=["image_id"], filesystem=fs).column("image_id").to_pylist()
+    for path in reversed(parquet_files(fs, f"{root}/{ERRORS}")):  # the latest attempt first
+        ids = file_ids(fs, path)
         stale = [i in mined or i in seen for i in ids]
         seen.update(ids)
         dropped += _drop_rows(fs, path, stale)
     return dropped
-
-
-def _parquet_files(fs: pafs.FileSystem, folder: str) -> list[str]:
-    if fs.get_file_info(folder).type != pafs.FileType.Directory:
-        return []
-    infos = fs.get_file_info(pafs.FileSelector(folder))
-    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
 
 
 def _drop_rows(fs: pafs.FileSystem, path: str, drop: list[bool]) -> int:
