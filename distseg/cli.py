@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 
 import typer
@@ -20,6 +21,7 @@ config_app = typer.Typer(help="Inspect the shipped configs and resolved settings
 app.add_typer(config_app, name="config")
 
 err = Console(stderr=True)
+_python_showwarning = warnings.showwarning  # other libraries' warnings keep Python's form
 
 CONFIG_HELP = "a shipped config name (see `distseg config list`) or a YAML path"
 OVERRIDES_HELP = "dotted overrides KEY=VALUE, e.g. data.num_images=16 hierarchy.max_regions=30"
@@ -551,7 +553,18 @@ def data_check(
         raise typer.Exit(1)
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """`warnings.showwarning` of the command: distseg's own warnings as one yellow line for people
+    ("warning: <message>"), every other library's in Python's usual form."""
+    package = str(Path(__file__).resolve().parent)
+    if str(Path(filename).resolve()).startswith(package) or category.__module__.startswith("distseg"):
+        err.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
 def main() -> None:
+    warnings.showwarning = show_warning
     app()
 
 

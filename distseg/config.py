@@ -134,6 +134,13 @@ class PretrainConfig(Section):
     crop: int = Field(224, ge=32, description="side of the square random-resized crops")
     crop_scale: tuple[float, float] = Field((0.3, 1.0), description="area range of the random resized crop")
     color_jitter: float = Field(0.4, ge=0, description="brightness/contrast/saturation jitter (hue: a quarter of it)")
+    blur: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="probability of SimCLR's Gaussian blur on each view's image (kernel a tenth of the crop, "
+        "sigma 0.1-2; He et al. use SimCLR's augmentations, blur included: concepts.yaml sets 0.5, SimCLR's)",
+    )
     vertical_flip: bool = Field(
         False,
         description="also flip each view upside down at random (for data with no up, as the synthetic scenes; "

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -92,3 +94,18 @@ def test_cli_config_show_and_errors():
     assert "bogus.key" in bad.output
     top = runner.invoke(app, ["--help"])
     assert top.exit_code == 0 and "config" in top.output and "demo" in top.output
+
+
+def test_distseg_warnings_print_as_one_yellow_line_and_others_as_python_does(capsys, monkeypatch):
+    import warnings
+
+    from distseg import cli
+
+    monkeypatch.setattr(warnings, "showwarning", cli.show_warning)  # as `distseg` (cli.main) installs it
+    ingest = Path(cli.__file__).parent / "train" / "ingest.py"
+    warnings.warn_explicit("3 shard file(s) not in _manifest.json left out", UserWarning, str(ingest), 78)
+    assert capsys.readouterr().err.strip() == "warning: 3 shard file(s) not in _manifest.json left out"
+    passed_on = []  # other libraries' warnings go to Python's own showwarning
+    monkeypatch.setattr(cli, "_python_showwarning", lambda message, *args: passed_on.append(str(message)))
+    warnings.warn_explicit("a library's notice", UserWarning, "/elsewhere/somelib/core.py", 12)
+    assert passed_on == ["a library's notice"] and capsys.readouterr().err == ""

@@ -82,6 +82,10 @@ def video_samples() -> list[FeatureSample]:
     return samples
 
 
+# protocols whose defaults are a GPU-sized training (the paper's recipe) run a few steps here
+CHEAP = {"deeplab": {"iterations": 3, "batch_size": 2, "crop": 16}}
+
+
 @pytest.mark.parametrize("name", PROTOCOLS.list())
 def test_every_registered_protocol_keeps_the_contract(name):
     info = protocol_info(name)
@@ -98,8 +102,10 @@ def test_every_registered_protocol_keeps_the_contract(name):
         )
 
     extra = {"concepts": np.eye(4, D)} if info.needs_concepts else {}
+    if info.needs_saliency:  # the object masks: the class-0 cells of each image's features
+        extra["saliency"] = {s.image_id: (s.features.argmax(0) > 0).astype(np.float32) for s in semantic_samples()}
     num_classes = 2 if info.needs_video else C
-    evaluator = create_protocol(name, num_classes, seed=0, **extra, **kwargs)
+    evaluator = create_protocol(name, num_classes, seed=0, **extra, **{**kwargs, **CHEAP.get(name, {})})
     assert isinstance(evaluator, Evaluator) and evaluator.name == name
     evaluator.reset()
     for sample in video_samples() if info.needs_video else semantic_samples():

@@ -15,6 +15,7 @@ from distseg.eval.metrics import (
     ConfusionMatrix,
     contingency,
     hungarian_match,
+    iou_matrix,
     majority_vote_match,
     remap,
 )
@@ -90,6 +91,18 @@ def test_hungarian_with_more_clusters_than_classes():
     np.testing.assert_array_equal(hungarian_match(cont, majority=True), [0, 1, 0])
     # fewer clusters than classes: one class stays unmatched
     np.testing.assert_array_equal(hungarian_match(np.array([[5], [9]])), [1])
+
+
+def test_hungarian_on_iou_prefers_the_exclusive_small_cluster():
+    """MaskContrast matches on IoU: here pixel counts keep the identity (0 + 17 > 7 + 7), IoU swaps
+    the pair (0.292 + 0.292 > 0 + 0.548)."""
+    cont = np.array([[0, 7], [7, 17]])
+    np.testing.assert_allclose(iou_matrix(cont), [[0, 7 / 24], [7 / 24, 17 / 31]])
+    np.testing.assert_array_equal(hungarian_match(cont), [0, 1])
+    np.testing.assert_array_equal(hungarian_match(cont, score="iou"), [1, 0])
+    assert iou_matrix(np.zeros((2, 2))).sum() == 0  # empty classes and clusters: 0, not NaN
+    with pytest.raises(ValueError, match="score"):
+        hungarian_match(cont, score="dice")
 
 
 def test_majority_vote_with_overclustering():

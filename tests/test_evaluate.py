@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -38,6 +39,9 @@ def make_checkpoint(folder: Path, workdir: Path, method: str = "hiergroup") -> t
     (folder / "meta.json").write_text(json.dumps({"step": 1, "mlflow_run_id": run_id}))
     if method == "concepts":
         loss = create_loss("concepts", dim=cfg.model.embed_dim, num_concepts=6)
+        torch.save(loss.state_dict(), folder / "loss.pt")
+    if method == "maskcontrast":
+        loss = create_loss("maskcontrast", dim=cfg.model.embed_dim, feature_dim=2 * cfg.model.head_channels)
         torch.save(loss.state_dict(), folder / "loss.pt")
     return folder, run_id
 
@@ -136,6 +140,43 @@ def test_purity_needs_a_concepts_checkpoint(tmp_path):
         evaluate(cfg, str(ckpt), tmp_path / "eval2")
 
 
+def test_object_kmeans_gives_every_source_the_checkpoints_object_masks(tmp_path):
+    """MaskContrast's k-means: the masks come from the maskcontrast checkpoint's saliency head, and
+    the baselines are scored under the same masks (the same share of pixels called object)."""
+    from distseg.eval.evaluate import EvaluationError, evaluate
+    from distseg.eval.features import create_features
+
+    ckpt, _ = make_checkpoint(tmp_path / "ckpt", tmp_path, method="maskcontrast")
+    cfg = load_config(
+        str(ckpt / "config.yaml"),
+        [
+            "evaluate.protocols=[object_kmeans]",
+            "evaluate.num_examples=0",
+            "evaluate.diagnostics=[]",
+            "evaluate.baselines=[rgbxy]",
+        ],
+    )
+    image = np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    sal = create_features("saliency", checkpoint=str(ckpt), image_size=None)(image)
+    assert sal.shape == (1, 12, 10) and 0 < sal.min() and sal.max() < 1  # sigmoid on the 1/4 grid
+    result = evaluate(cfg, str(ckpt), tmp_path / "eval")
+    share = {s: m["metrics"]["object_kmeans/object_share"]["mean"] for s, m in result["sources"].items()}
+    assert set(share) == {"checkpoint", "rgbxy"} and share["checkpoint"] == share["rgbxy"]
+    for metrics in (m["metrics"] for m in result["sources"].values()):
+        assert 0 <= metrics["object_kmeans/miou"]["mean"] <= 1
+    # a checkpoint without a saliency head is refused before any work, naming the file
+    plain, _ = make_checkpoint(tmp_path / "plain", tmp_path)
+    with pytest.raises(EvaluationError, match=r"object_kmeans: .*loss.pt is missing"):
+        evaluate(cfg, str(plain), tmp_path / "eval2")
+    with pytest.raises(EvaluationError, match="needs --checkpoint"):
+        evaluate(cfg, None, tmp_path / "eval3")
+    # masks_from: the maskcontrast run's masks for another checkpoint, here the untrained hiergroup one
+    borrowed = cfg.model_copy(deep=True)
+    borrowed.evaluate.protocol_args = {"object_kmeans": {"masks_from": str(ckpt)}}
+    result = evaluate(borrowed, str(plain), tmp_path / "eval4")
+    assert result["sources"]["checkpoint"]["metrics"]["object_kmeans/object_share"]["mean"] == share["rgbxy"]
+
+
 def test_bad_requests_are_named(tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["evaluate", "--checkpoint", str(tmp_path / "none"), "--data", "synthetic"])
@@ -177,3 +218,45 @@ def test_davis_protocol_on_real_frames(tmp_path, davis_root):
     m = results["sources"]["rgbxy"]["metrics"]
     assert m["davis/num_sequences"]["mean"] == 4
     assert 0 < m["davis/JF_mean"]["mean"] <= 1
+
+
+def test_the_random_baseline_is_untrained_even_when_the_config_starts_from_a_checkpoint(tmp_path):
+    """maskcontrast_msrc and concepts_msrc set model.init_from: the random baseline must not load it."""
+    from distseg.eval.features import create_features
+
+    ckpt, _ = make_checkpoint(tmp_path / "ckpt", tmp_path)
+    cfg = load_config(str(ckpt / "config.yaml"))
+    image = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    trained = create_features("checkpoint", checkpoint=str(ckpt), image_size=None)(image)
+    with_init = cfg.model.model_copy(update={"init_from": str(ckpt)})
+    random_init = create_features("random", model_cfg=with_init, image_size=None, seed=3)(image)
+    random_plain = create_features("random", model_cfg=cfg.model, image_size=None, seed=3)(image)
+    np.testing.assert_array_equal(random_init, random_plain)
+    assert np.abs(random_init - trained).max() > 1e-3
+
+
+def test_a_failing_baseline_keeps_the_checkpoints_numbers(tmp_path):
+    """metrics.json is written after each source: a baseline that fails in the workers (here one
+    registered in the driver only) leaves the checkpoint's numbers on disk."""
+    from distseg.eval.evaluate import evaluate
+    from distseg.eval.features import FEATURES
+
+    ckpt, _ = make_checkpoint(tmp_path / "ckpt", tmp_path)
+    cfg = load_config(
+        str(ckpt / "config.yaml"),
+        [
+            "evaluate.protocols=[dataset_kmeans]",
+            "evaluate.diagnostics=[]",
+            "evaluate.num_examples=0",
+            "evaluate.baselines=[driver_only]",
+        ],
+    )
+    FEATURES.register("driver_only", lambda **_: None)
+    try:
+        with pytest.raises(Exception, match="driver_only"):
+            evaluate(cfg, str(ckpt), tmp_path / "eval")
+    finally:
+        FEATURES.unregister("driver_only")
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert list(saved["sources"]) == ["checkpoint"]
+    assert 0 < saved["sources"]["checkpoint"]["metrics"]["dataset_kmeans/miou"]["mean"] <= 1

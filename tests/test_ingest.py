@@ -196,3 +196,31 @@ def test_missing_shards_and_missing_prior_are_named(tmp_path):
     assert len(files) == 1
     with pytest.raises(IngestError, match="no column for prior 'ucm' \\(it has: slic\\)"):
         check_prior(files, "ucm")
+
+
+def test_blur_softens_the_views_and_leaves_segments_and_coordinates_alone():
+    """pretrain.blur (SimCLR's Gaussian blur, He et al.'s augmentations): with p = 1 the views' images
+    lose high-frequency energy (sigma is drawn in [0.1, 2], so on average over draws), while segments
+    and coordinates are the same draws as without it."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (80, 120, 3), dtype=np.uint8)  # noise: all high frequencies
+    seg = np.repeat(np.arange(4), 30)[None].repeat(80, 0)
+
+    def energy(v: np.ndarray) -> float:
+        return float(np.abs(np.diff(v.astype(float), axis=-1)).mean())
+
+    def draws(blur: float, n: int = 12):
+        torch.manual_seed(7)
+        views = PairedViews(crop=64, crop_scale=(0.5, 1.0), color_jitter=0.0, blur=blur)
+        return [views(image, seg) for _ in range(n)]
+
+    sharp, blurred = draws(0.0), draws(1.0)
+    for i in (1, 2):  # the first view's segments and coordinates: the same crop, untouched by the blur
+        np.testing.assert_array_equal(sharp[0][i], blurred[0][i])
+    for d in blurred:  # (later crops differ: the blur draws from the same generator) still aligned
+        for s, c in ((d[1], d[2]), (d[4], d[5])):
+            np.testing.assert_array_equal(seg[c[0], c[1]], s)
+    e_sharp = np.mean([energy(d[0]) for d in sharp])
+    e_blur = [energy(d[0]) for d in blurred]
+    assert np.mean(e_blur) < 0.7 * e_sharp, (e_sharp, e_blur)
+    assert max(e_blur) > 0.8 * e_sharp  # a sigma near 0.1 barely blurs: the strength is drawn

@@ -47,8 +47,8 @@ def make_samples(
     return samples
 
 
-def run(name: str, samples: list[FeatureSample], **kwargs) -> EvalResult:
-    evaluator = create_protocol(name, C, class_names=["a", "b", "c"], seed=0, **kwargs)
+def run(name: str, samples: list[FeatureSample], seed: int = 0, **kwargs) -> EvalResult:
+    evaluator = create_protocol(name, C, class_names=["a", "b", "c"], seed=seed, **kwargs)
     for sample in samples:
         evaluator.process(sample)
     return evaluator.evaluate()
@@ -76,6 +76,8 @@ CASES = [
     ("retrieval", {}, {}),
     ("linear", {}, {}),
     ("linear", {"head": "aspp"}, BIG_BLOCKS),
+    # Zhang & Maire's DeepLab-v3 head, its recipe shrunk to the toy maps (8x8 cells = 32-px crops)
+    ("deeplab", {"iterations": 60, "batch_size": 4, "crop": 32, "rates": (1, 2, 3)}, BIG_BLOCKS),
 ]
 
 
@@ -90,7 +92,18 @@ def test_registry_lists_protocols_and_rejects_unknown_names():
 
 def test_paper_protocol_defaults():
     """The papers' settings: He et al.'s k-means (= knn) 25 segments, 50 iterations, 15 neighbours;
-    Zhang & Maire's Table 2 retrieval K = 15 with one neighbour."""
+    Zhang & Maire's Table 2 retrieval K = 15 with one neighbour and their DeepLab-v3 recipe;
+    MaskContrast's k-means 32 whitened components, 1000-prototype batches."""
+    deeplab = protocol_kwargs("deeplab", {})
+    assert (deeplab["iterations"], deeplab["batch_size"], deeplab["crop"], deeplab["lr"]) == (20_000, 20, 384, 0.03)
+    assert (deeplab["momentum"], deeplab["weight_decay"], deeplab["milestones"]) == (0.9, 5e-4, (0.5, 0.75))
+    objects = protocol_kwargs("object_kmeans", {})
+    assert (objects["threshold"], objects["pca_dim"], objects["batch_size"], objects["clusters"]) == (
+        0.5,
+        32,
+        1000,
+        None,
+    )
     assert protocol_kwargs("knn", {}) == {"segments_per_image": 25, "num_neighbors": 15, "niter": 50}
     retrieval = protocol_kwargs("retrieval", {})
     assert retrieval["segments_per_image"] == 15 and retrieval["num_neighbors"] == 1
@@ -125,7 +138,15 @@ def test_result_layout(name, kwargs):
         assert (pred[known] == sample.label[known]).mean() > 0.95
 
 
-@pytest.mark.parametrize("name, kwargs", [("dataset_kmeans", {}), ("knn", {}), ("linear", {"head": "aspp"})])
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("dataset_kmeans", {}),
+        ("knn", {}),
+        ("linear", {"head": "aspp"}),
+        ("deeplab", {"iterations": 5, "batch_size": 2, "crop": 16, "rates": (1, 2)}),
+    ],
+)
 def test_same_seed_same_result(name, kwargs):
     noisy = make_samples(3, random_features=True)
     a, b = run(name, noisy, **kwargs), run(name, noisy, **kwargs)
@@ -338,3 +359,96 @@ def test_position_needs_both_splits():
         run("position", position_samples("noise")[6:])
     with pytest.raises(ValueError, match="eval"):
         run("position", position_samples("noise")[:6])
+
+
+def object_scenes(seed: int, n: int = 12, noise: float = 0.05, random_features: bool = False):
+    """MaskContrast's setting: each image one object of class 1..C-1 (a 2x2-cell square on an 8x8
+    grid) on background 0. Features: the class's one-hot direction plus noise (or noise); saliency:
+    1 on the object, 0 elsewhere. Returns (samples, saliency maps)."""
+    rng = np.random.default_rng(seed)
+    h, w = H // SCALE, W // SCALE
+    samples, saliency = [], {}
+    for i in range(n):
+        cells = np.zeros((h, w), dtype=np.int64)
+        y, x = rng.integers(0, h - 3), rng.integers(0, w - 3)
+        cells[y : y + 3, x : x + 3] = 1 + i % (C - 1)
+        if random_features:
+            features = rng.standard_normal((D, h, w))
+        else:
+            features = np.eye(D)[cells].transpose(2, 0, 1) + noise * rng.standard_normal((D, h, w))
+        label = np.kron(cells, np.ones((SCALE, SCALE), dtype=np.int64))
+        samples.append(FeatureSample(f"img{i}", features.astype(np.float32), label, "eval"))
+        saliency[f"img{i}"] = (cells > 0).astype(np.float32)[None]
+    return samples, saliency
+
+
+def test_object_kmeans_paints_each_object_with_its_class_cluster():
+    samples, saliency = object_scenes(0, noise=0.0)
+    good = run("object_kmeans", samples, saliency=saliency)
+    assert good.metrics["object_kmeans/miou"] == 1.0, good.metrics
+    # whitening gives every PCA component unit variance, so noise weighs as much as the class
+    # direction; without the PCA the same noisy prototypes separate
+    noisy, _ = object_scenes(0)
+    assert run("object_kmeans", noisy, saliency=saliency, pca_dim=None).metrics["object_kmeans/miou"] == 1.0
+    assert good.metrics["object_kmeans/num_clusters"] == C - 1
+    assert good.metrics["object_kmeans/images_without_object"] == 0
+    object_share = sum(int((s.label > 0).sum()) for s in samples) / sum(s.label.size for s in samples)
+    assert good.metrics["object_kmeans/object_share"] == pytest.approx(object_share)
+    # random embeddings under the same masks: the background is still right, the object classes a draw
+    noise, _ = object_scenes(0, random_features=True)
+    bad = [run("object_kmeans", noise, saliency=saliency, seed=s) for s in range(3)]
+    assert max(r.metrics["object_kmeans/miou"] for r in bad) < 0.8
+    assert all(r.per_class[0]["iou"] > 0.7 for r in bad)  # background: the masks alone
+
+
+def test_object_kmeans_reads_only_what_the_mask_covers():
+    """The prototype pools the salient pixels only: background features may be anything."""
+    samples, saliency = object_scenes(1, noise=0.0)
+    rng = np.random.default_rng(5)
+    scrambled = []
+    for s in samples:
+        features = s.features.copy()
+        background = s.label[::SCALE, ::SCALE] == 0
+        features[:, background] = rng.standard_normal((D, int(background.sum())))
+        scrambled.append(FeatureSample(s.image_id, features, s.label, "eval"))
+    assert run("object_kmeans", scrambled, saliency=saliency).metrics["object_kmeans/miou"] == 1.0
+    # below the threshold nothing is object: every pixel predicted background, no prototype fitted
+    faint = {k: 0.4 * v for k, v in saliency.items()}
+    none = run("object_kmeans", samples, saliency=faint)
+    assert none.metrics["object_kmeans/images_without_object"] == len(samples)
+    assert none.metrics["object_kmeans/object_share"] == 0
+    assert run("object_kmeans", samples, saliency=faint, threshold=0.3).metrics["object_kmeans/miou"] == 1.0
+
+
+def test_object_kmeans_needs_a_map_for_every_image():
+    samples, saliency = object_scenes(0, n=3)
+    with pytest.raises(ValueError, match="needs saliency="):
+        create_protocol("object_kmeans", C)
+    evaluator = create_protocol("object_kmeans", C, saliency={"img0": saliency["img0"]})
+    evaluator.process(samples[0])
+    with pytest.raises(ValueError, match="no saliency map for image 'img1'"):
+        evaluator.process(samples[1])
+
+
+def test_deeplab_is_torchvisions_head_on_padded_flipped_crops():
+    from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabHead
+
+    proto = create_protocol("deeplab", C, crop=48, rates=(1, 2, 3))
+    head = proto._make_head(D)
+    assert isinstance(head, DeepLabHead) and isinstance(head[0], ASPP)
+    assert [m.dilation[0] for m in head[0].convs[1:4].modules() if isinstance(m, torch.nn.Conv2d)] == [1, 2, 3]
+    # a 12-cell crop of an 8x8 map: the map is inside, the rest ignored labels and zero features
+    proto._mean_np, proto._std_np = np.zeros((D, 1, 1), np.float32), 1.0
+    features = np.ones((D, 8, 8), np.float32)
+    label = np.zeros((8, 8), np.int64)
+    rng = np.random.default_rng(0)
+    flips = 0
+    for _ in range(20):
+        x, y = proto._crop(rng, features, label)
+        assert x.shape == (D, 12, 12) and y.shape == (12, 12)
+        assert (y == 0).sum() == 64 and (y == IGNORE_INDEX).sum() == 144 - 64
+        np.testing.assert_array_equal(x[0] == 1, y == 0)
+        flips += int(y[0, -1] == 0)  # the map sits top-left: after a flip it touches the right edge
+    assert 3 <= flips <= 17
+    with pytest.raises(ValueError, match="milestones"):
+        create_protocol("deeplab", C, milestones=(0.5, 10_000))

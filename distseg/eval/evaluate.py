@@ -2,10 +2,12 @@
 
 The protocols come from the registry (`distseg.eval.protocols.PROTOCOLS`); what each needs is its
 registry metadata, not a list here: the train split (`needs_train`), several seeds (`stochastic`), the
-checkpoint's concept dictionary (`needs_concepts`: the checkpoint only), its own video data
-(`needs_video`), its `headline` metric and its `params` model, which checks `evaluate.protocol_args`.
-Everything that can be checked before work starts is, before any data is read or Ray starts: protocol
-names and arguments, baseline names, the checkpoint folder and concept dictionary. A retired protocol
+checkpoint's concept dictionary (`needs_concepts`: the checkpoint only), object masks from the
+checkpoint's saliency head (`needs_saliency`: computed once on the eval split, the same maps for the
+checkpoint and every baseline), its own video data (`needs_video`), its `headline` metric and its
+`params` model, which checks `evaluate.protocol_args`. Everything that can be checked before work
+starts is, before any data is read or Ray starts: protocol names and arguments, baseline names, the
+checkpoint folder, its concept dictionary and its saliency head. A retired protocol
 name (`PROTOCOL_ALIASES`: `kmeans` -> `dataset_kmeans`) is replaced by its current one, with a warning.
 
 Diagnostics (`evaluate.diagnostics`, default `[position]`: how much pixel position the embedding
@@ -20,7 +22,8 @@ from the pool in temporal order instead. Stochastic protocols run once per seed 
 std. Each (source, protocol) is an MLflow run nested under the checkpoint's pretraining run when that
 run is in the same store, with params, metrics, a per-class IoU table, a confusion-matrix picture and
 example segmentations; the PCA picture of a source's embeddings is logged once, in its first protocol
-run on the eval split. `metrics.json` in the output folder holds every number.
+run on the eval split. `metrics.json` in the output folder holds every number; it is rewritten after
+each source, so a source that fails leaves the finished ones' numbers there.
 """
 
 from __future__ import annotations
@@ -232,6 +235,40 @@ def concept_dictionary(checkpoint: str) -> np.ndarray:
     return torch.nn.functional.normalize(d, dim=1).numpy()
 
 
+def mask_checkpoint(checkpoint: str | None, plans: list[ProtocolPlan]) -> str | None:
+    """The checkpoint whose saliency head gives the object masks (a protocol's `masks_from`, else the
+    evaluated one), checked before any work; None when no protocol needs masks."""
+    from distseg.eval.features import load_saliency_head
+
+    needing = [p for p in plans if p.info.needs_saliency]
+    if not needing:
+        return None
+    names = ", ".join(p.name for p in needing)
+    chosen = {p.kwargs.get("masks_from") or checkpoint for p in needing}
+    if len(chosen) > 1:
+        raise EvaluationError(f"{names}: masks_from names different checkpoints {sorted(map(str, chosen))}")
+    source = chosen.pop()
+    if not source:
+        raise EvaluationError(
+            f"{names} needs --checkpoint or protocol_args masks_from: the masks are a maskcontrast run's saliency"
+        )
+    try:
+        load_saliency_head(source)
+    except ValueError as e:
+        raise EvaluationError(f"{names}: {e}") from None
+    return str(Path(source).resolve())
+
+
+def saliency_maps(checkpoint: str, image_size: int | None, evals: LabeledSplit, plugins: list[str]) -> dict:
+    """Eval image id -> the checkpoint's saliency probability (1, h, w), one pass of the actor pool."""
+    from distseg.eval.extract import extract_all
+
+    maps = extract_all(
+        "saliency", {"checkpoint": checkpoint, "image_size": image_size}, evals.images, name="saliency", plugins=plugins
+    )
+    return dict(zip(evals.ids, maps))
+
+
 def _summary(values: list[float]) -> dict:
     arr = np.asarray(values, np.float64)
     return {"mean": float(np.nanmean(arr)), "std": float(np.nanstd(arr)), "values": [float(v) for v in arr]}
@@ -339,6 +376,7 @@ def evaluate(cfg: Config, checkpoint: str | None, out_dir: str | Path) -> dict:
         parent = json.loads(meta_path.read_text()).get("mlflow_run_id") if meta_path.is_file() else None
         if any(p.info.needs_concepts for p in plans):
             concepts = concept_dictionary(checkpoint)
+    masks_from = mask_checkpoint(checkpoint, plans)
 
     semantic = [p for p in plans if not p.info.needs_video]
     train = evals = None
@@ -353,6 +391,9 @@ def evaluate(cfg: Config, checkpoint: str | None, out_dir: str | Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     plugins = list(getattr(cfg, "plugins", []) or [])
     init_ray(cfg.ray)
+    saliency = None
+    if masks_from and semantic:
+        saliency = saliency_maps(masks_from, image_size, evals, plugins)
     results: dict = {
         "data": ecfg.data,
         "protocols": [p.name for p in plans if not p.diagnostic],
@@ -382,6 +423,8 @@ def evaluate(cfg: Config, checkpoint: str | None, out_dir: str | Path) -> dict:
                     )
                 else:
                     extra = {"concepts": concepts} if plan.info.needs_concepts else {}
+                    if plan.info.needs_saliency:
+                        extra["saliency"] = saliency
                     res = run_protocol(
                         plan,
                         class_names,
@@ -430,7 +473,8 @@ def evaluate(cfg: Config, checkpoint: str | None, out_dir: str | Path) -> dict:
                     pca = None
         results["sources"][source] = {"metrics": source_metrics, "seconds": time.perf_counter() - t0}
         train_feats = eval_feats = None  # before the next source's features arrive
-    (out / "metrics.json").write_text(json.dumps(results, indent=2))
+        # after every source: a later source's failure keeps the finished ones' numbers
+        (out / "metrics.json").write_text(json.dumps(results, indent=2))
     return results
 
 

@@ -5,6 +5,12 @@
 
 Baselines, computed by the same command for an honest comparison: `random` (the checkpoint's
 architecture with random init) and `rgbxy` (Lab colour and pixel position, at the same 1/4 grid).
+`saliency` is no embedding: a maskcontrast checkpoint's saliency probability, the object masks of the
+`object_kmeans` protocol.
+
+A baseline factory is called with `model_cfg`, `image_size`, `seed` (and `device` for a `gpu` source)
+and takes the ones it needs (`**_` for the rest); a checkpoint source with `checkpoint`, `image_size`
+(and `device`).
 
 Sources are registered in `FEATURES`; distseg.eval.extract runs them on a Ray actor pool.
 """
@@ -12,10 +18,12 @@ Sources are registered in `FEATURES`; distseg.eval.extract runs them on a Ray ac
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from distseg.core.constants import IMAGENET_MEAN, IMAGENET_STD
 from distseg.core.registry import Registry
@@ -74,7 +82,55 @@ def _checkpoint(checkpoint: str, image_size: int | None = 320, device: str = "cp
 @register_features("random", gpu=True)
 def _random(model_cfg, image_size: int | None = 320, device: str = "cpu", seed: int = 0, **_) -> FeatureFn:
     torch.manual_seed(seed)
-    return ModelFeatures(create_model(model_cfg.model_copy(update={"weights": None})), image_size, device)
+    # neither pretrained weights nor init_from (a maskcontrast / concepts config starts from a hiergroup
+    # checkpoint): the baseline is the architecture untrained
+    untrained = model_cfg.model_copy(update={"weights": None, "init_from": None})
+    return ModelFeatures(create_model(untrained), image_size, device)
+
+
+def load_saliency_head(checkpoint: str | Path) -> torch.Tensor:
+    """The (1, F, 1, 1) weight of the saliency head a maskcontrast run saved in ``<checkpoint>/loss.pt``.
+
+    Raises ValueError naming the file when the checkpoint has none (not a maskcontrast run)."""
+    path = Path(checkpoint) / "loss.pt"
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: the object masks come from a maskcontrast checkpoint's saliency head")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "saliency_head.weight" not in state:
+        raise ValueError(
+            f"{path} holds no saliency head (was the checkpoint trained with pretrain.method=maskcontrast?)"
+        )
+    return state["saliency_head.weight"].float()
+
+
+class SaliencyMaps:
+    """A maskcontrast checkpoint's saliency probability, sigmoid(head(decoder features)), as (1, h, w)
+    on the embedding's grid; the head is the 1x1 conv the method trained beside the embedding head."""
+
+    def __init__(self, model: torch.nn.Module, head: torch.Tensor, image_size: int | None = 320, device: str = "cpu"):
+        self.model = model.to(device).eval()
+        self.head = head.to(device)
+        self.image_size = image_size
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        x = (resize_longer(image, self.image_size).astype(np.float32) / 255 - MEAN) / STD
+        x = torch.from_numpy(x).permute(2, 0, 1)[None].to(self.device)
+        _, feats = self.model(x, return_features=True)
+        if feats.shape[1] != self.head.shape[1]:
+            raise ValueError(f"decoder features have {feats.shape[1]} channels, the saliency head {self.head.shape[1]}")
+        return torch.sigmoid(F.conv2d(feats.float(), self.head))[0].cpu().numpy()
+
+
+@register_features("saliency", gpu=True, needs_checkpoint=True)
+def _saliency(checkpoint: str, image_size: int | None = 320, device: str = "cpu") -> FeatureFn:
+    """Not embeddings: the object masks of ``object_kmeans`` (MaskContrast's k-means protocol)."""
+    from distseg.checkpoint import load_embedding_model
+
+    head = load_saliency_head(checkpoint)
+    model, _cfg = load_embedding_model(checkpoint, device)
+    return SaliencyMaps(model, head, image_size, device)
 
 
 class RGBXYFeatures:

@@ -171,20 +171,33 @@ def majority_vote_match(confusion: np.ndarray) -> np.ndarray:
     return mapping
 
 
-def hungarian_match(confusion: np.ndarray, majority: bool = False) -> np.ndarray:
-    """One-to-one ``cluster -> class`` mapping maximising the matched pixels.
+def iou_matrix(confusion: np.ndarray) -> np.ndarray:
+    """``(num_classes, num_clusters)`` IoU of every class with every cluster from pixel counts:
+    ``n / (class pixels + cluster pixels - n)`` (0 where both are empty)."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    union = confusion.sum(1, keepdims=True) + confusion.sum(0, keepdims=True) - confusion
+    return np.nan_to_num(_safe_div(confusion, union), nan=0.0)
+
+
+def hungarian_match(confusion: np.ndarray, majority: bool = False, score: str = "pixels") -> np.ndarray:
+    """One-to-one ``cluster -> class`` mapping maximising the matched pixels (or the summed IoU).
 
     Args:
         confusion: ``(num_classes, num_clusters)`` pixel counts (rows ground truth, columns
             clusters), e.g. from :func:`contingency`.
         majority: map the clusters left unmatched (when there are more clusters than classes) to
             their majority class instead of ``-1``.
+        score: ``"pixels"`` maximises the pixels on the matched pairs; ``"iou"`` the sum of their
+            IoU (:func:`iou_matrix`; MaskContrast's ``_hungarian_match(..., metric='iou')``).
 
     Returns:
         int64 ``(num_clusters,)``: the class of each cluster, ``-1`` when unmatched.
     """
     confusion = np.asarray(confusion)
-    classes, clusters = linear_sum_assignment(confusion, maximize=True)
+    if score not in ("pixels", "iou"):
+        raise ValueError(f"score must be 'pixels' or 'iou', got {score!r}")
+    gain = iou_matrix(confusion) if score == "iou" else confusion
+    classes, clusters = linear_sum_assignment(gain, maximize=True)
     mapping = np.full(confusion.shape[1], -1, dtype=np.int64)
     mapping[clusters] = classes
     if majority:

@@ -55,8 +55,9 @@ Departures, each deliberate:
   256. Segment embeddings and the L_v weights always use every valid pixel.
 - Optimiser: the paper gives lr 0.001 and poly decay but not the optimiser; the configs use SGD with
   momentum 0.9 (distseg's `sgd`).
-- Not in this module: the Gaussian blur of the SimCLR augmentations (C11, the ingest's) and the
-  HED-owt-ucm pseudo segments (C12: distseg's learned-edge UCM).
+- Not in this module: the Gaussian blur of the SimCLR augmentations (C11: the ingest's
+  `pretrain.blur`, 0.5 in concepts.yaml as SimCLR's; concepts_msrc, measured without it, keeps 0) and
+  the HED-owt-ucm pseudo segments (C12: distseg's learned-edge UCM).
 """
 
 from __future__ import annotations

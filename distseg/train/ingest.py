@@ -3,8 +3,9 @@
 Ray Data reads the shards' Parquet (the image bytes are in the shard: the source store is never read
 again), decodes each row and draws two views. Each view is a random resized crop + horizontal flip
 applied identically to the image and its segment map (torchvision v2 transforms on an Image and a
-Mask), then colour jitter on the image only. Both views crop the same segment map, so segment id r
-means the same region of the same image in both views. Pixels a view does not cover do not exist
+Mask), then colour jitter (and, with `pretrain.blur`, SimCLR's Gaussian blur) on the image only.
+Both views crop the same segment map, so segment id r means the same region of the same image in
+both views. Pixels a view does not cover do not exist
 (crops lie inside the image), so no ignore value is needed here; -1 is reserved for padding.
 """
 
@@ -126,7 +127,14 @@ def segments_of(value: dict | None, height: int, width: int) -> tuple[np.ndarray
 class PairedViews:
     """Draw two augmented views of an image and its segment map (the same transform for both)."""
 
-    def __init__(self, crop: int, crop_scale: tuple[float, float], color_jitter: float, vertical_flip: bool = False):
+    def __init__(
+        self,
+        crop: int,
+        crop_scale: tuple[float, float],
+        color_jitter: float,
+        vertical_flip: bool = False,
+        blur: float = 0.0,
+    ):
         geometric = [v2.RandomResizedCrop(crop, scale=tuple(crop_scale), antialias=True), v2.RandomHorizontalFlip()]
         if vertical_flip:  # only when asked: the default draws exactly the random numbers it always drew
             geometric.append(v2.RandomVerticalFlip())
@@ -134,6 +142,9 @@ class PairedViews:
         if color_jitter > 0:
             j = color_jitter
             photometric = [v2.RandomApply([v2.ColorJitter(j, j, j, j / 4)], p=0.8), v2.RandomGrayscale(p=0.2)]
+        if blur > 0:  # SimCLR's: a kernel of 10 % of the side (odd), sigma uniform in [0.1, 2.0]; images only
+            kernel = max(3, int(0.1 * crop) // 2 * 2 + 1)
+            photometric.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur))
         self.transform = v2.Compose(geometric + photometric)  # v2 colour ops leave Mask untouched
 
     def __call__(self, image: np.ndarray, segments: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -167,7 +178,8 @@ class MakePairs:
     def __init__(self, cfg: dict, seed: int = 0):
         self.cfg = PretrainConfig.model_validate(cfg)
         self.seed = seed
-        self.views = PairedViews(self.cfg.crop, self.cfg.crop_scale, self.cfg.color_jitter, self.cfg.vertical_flip)
+        c = self.cfg
+        self.views = PairedViews(c.crop, c.crop_scale, c.color_jitter, c.vertical_flip, c.blur)
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
         cfg = self.cfg

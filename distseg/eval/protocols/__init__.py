@@ -5,15 +5,20 @@ network, a label map ``(H, W)`` usually at a higher resolution, and a ``train``/
 through ``reset()`` / ``process(sample)`` / ``evaluate() -> EvalResult``, as detectron2's
 ``DatasetEvaluator``; :func:`create_protocol` builds one by name from the registry :data:`PROTOCOLS`,
 whose metadata (headline metric, params model, needs_train, stochastic, needs_concepts,
-needs_video) tells `distseg evaluate` what to feed it (``base.py``). One module per protocol:
+needs_saliency, needs_video) tells `distseg evaluate` what to feed it (``base.py``). One module per protocol:
 
 ==================  ==============================================================================
 ``linear``          1x1 conv probe (or ``head="aspp"``) trained with cross-entropy on the train split;
-                    He et al.'s linear classification with our training recipe (Zhang & Maire's is an
-                    ASPP head: ``head="aspp"`` is a DeepLab-v2-style stand-in)
+                    He et al.'s linear classification with our training recipe (``head="aspp"``: a
+                    DeepLab-v2-style stand-in; Zhang & Maire's own head is ``deeplab``)
+``deeplab``         Zhang & Maire's transfer: torchvision's DeepLab-v3 ASPP head trained with their SGD
+                    recipe (20k iterations, batch 20, 384-px crops = 96 feature cells, lr 0.03)
 ``dataset_kmeans``  spherical k-means of all eval pixels into C clusters, Hungarian matching (or
                     ``overcluster=k`` with majority vote); no paper's protocol (formerly ``kmeans``,
                     still accepted as an alias in configs)
+``object_kmeans``   MaskContrast's k-means: one saliency-weighted prototype per image (the masks from a
+                    maskcontrast checkpoint's saliency head), PCA-whitened, MiniBatchKMeans into C - 1
+                    clusters painted on the masks, Hungarian on IoU
 ``knn``             He et al.'s "k-means" = SegSort: per-image k-means into 25 segments (50
                     iterations), each eval segment takes the majority label of its 15 nearest train
                     segment prototypes
@@ -35,7 +40,7 @@ needs_video) tells `distseg evaluate` what to feed it (``base.py``). One module 
 Each protocol's module docstring says which paper's protocol it is and where it departs from it.
 
 Resolution.  Metrics are always computed at **label resolution**.  The clustering protocols
-(``dataset_kmeans``, ``knn``, ``retrieval``, ``purity``, ``segment_purity``) assign clusters /
+(``dataset_kmeans``, ``object_kmeans``, ``knn``, ``retrieval``, ``purity``, ``segment_purity``) assign clusters /
 segments / concepts at feature resolution and upsample those index maps to the label size with
 nearest-neighbour (:func:`resize_nearest`, pixel-centre aligned).  The linear probe is trained at
 feature resolution against labels downsampled with the same nearest-neighbour rule (cheap: the cached
@@ -69,9 +74,11 @@ from distseg.eval.protocols.base import (
     resolve_protocol_name,
 )
 from distseg.eval.protocols.davis import DavisParams, DavisProtocol, DavisZMParams, DavisZMProtocol
+from distseg.eval.protocols.deeplab import DeepLabParams, DeepLabProtocol
 from distseg.eval.protocols.kmeans import DatasetKMeansProtocol, KMeansParams
 from distseg.eval.protocols.knn import KNNParams, KNNProtocol, RetrievalParams, RetrievalProtocol
 from distseg.eval.protocols.linear import ASPPHead, LinearParams, LinearProbeProtocol
+from distseg.eval.protocols.object_kmeans import ObjectKMeansParams, ObjectKMeansProtocol
 from distseg.eval.protocols.position import PositionParams, PositionProtocol
 from distseg.eval.protocols.purity import PurityProtocol, SegmentPurityParams, SegmentPurityProtocol
 
@@ -84,6 +91,8 @@ __all__ = [
     "DavisZMParams",
     "DavisZMProtocol",
     "DatasetKMeansProtocol",
+    "DeepLabParams",
+    "DeepLabProtocol",
     "EvalResult",
     "Evaluator",
     "FeatureSample",
@@ -93,6 +102,8 @@ __all__ = [
     "LinearParams",
     "LinearProbeProtocol",
     "NoParams",
+    "ObjectKMeansParams",
+    "ObjectKMeansProtocol",
     "PositionParams",
     "PositionProtocol",
     "ProtocolInfo",

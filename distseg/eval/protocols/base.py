@@ -11,6 +11,8 @@ A protocol is a class registered in :data:`PROTOCOLS` whose instances follow det
 ``needs_train``     also feed it the train split (the eval split is always fed)
 ``stochastic``      rerun it with ``evaluate.seeds`` seeds and report mean +- std
 ``needs_concepts``  runs on the checkpoint only, built with ``concepts=`` (its concept dictionary)
+``needs_saliency``  built with ``saliency=`` (image id -> object probability map, from the
+                    checkpoint's saliency head), the same maps for the checkpoint and every baseline
 ``needs_video``     fed the frames of ``data``'s video sequences in temporal order, one sequence
                     after another, instead of the labelled eval split
 ``summary``         further metrics printed beside the headline in the summary lines (e.g.
@@ -274,6 +276,7 @@ class ProtocolInfo:
     needs_train: bool = False
     stochastic: bool = False
     needs_concepts: bool = False
+    needs_saliency: bool = False
     needs_video: bool = False
     data: str | None = None  # needs_video: the dataset source of the sequences
     summary: tuple[str, ...] = ()  # metrics printed beside the headline
@@ -287,6 +290,7 @@ def register_protocol(
     needs_train: bool = False,
     stochastic: bool = False,
     needs_concepts: bool = False,
+    needs_saliency: bool = False,
     needs_video: bool = False,
     summary: Sequence[str] = (),
     **meta: Any,
@@ -304,6 +308,7 @@ def register_protocol(
             needs_train=needs_train,
             stochastic=stochastic,
             needs_concepts=needs_concepts,
+            needs_saliency=needs_saliency,
             needs_video=needs_video,
             summary=tuple(summary),
             **meta,

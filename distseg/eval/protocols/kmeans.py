@@ -12,8 +12,8 @@ accepted in configs as an alias (``PROTOCOL_ALIASES``), and the metrics are repo
   fidelity audit E2 reads the authors' ``kmeans_utils.py``, the slides give no details): one
   salient-object prototype per image (mean embedding under the predicted saliency mask),
   PCA-whitened, MiniBatchKMeans into 20 clusters, background from the saliency head, Hungarian on
-  IoU. Not implemented here: the feature sources give embeddings only, no saliency mask, so "one
-  object prototype per image" has no input.
+  IoU. That one is ``object_kmeans`` (it needs a maskcontrast checkpoint, whose saliency head gives
+  the masks).
 
 The fit keeps the best of ``restarts`` seeded initialisations (default 10, as scikit-learn's
 ``n_init`` long was; chosen by the k-means objective, never by labels). One initialisation made the

@@ -6,9 +6,9 @@ with our own training recipe: Adam at lr 1e-2, ``epochs`` passes over the cached
 (30), batch 8 images, no crops or augmentation, features centred and scaled with train statistics.
 Zhang & Maire 2020 (seed 000, Sec. 4.2) instead train a DeepLab **v3** ASPP head with SGD (weight
 decay 5e-4, momentum 0.9, 20k iterations, batch 20, 384 px crops, lr 0.03 decayed x0.1 at 10k and
-15k); ``head="aspp"`` is a stand-in, not that head: DeepLab-v2-style summed dilated 3x3 class convs
-on the embedding, trained with the recipe above. Neither number is comparable with the papers'
-(63.47 He et al., 46.51 Zhang & Maire).
+15k): that is the ``deeplab`` protocol. ``head="aspp"`` here is a cheaper stand-in, not that head:
+DeepLab-v2-style summed dilated 3x3 class convs on the embedding, trained with the recipe above.
+Neither number is comparable with the papers' (63.47 He et al., 46.51 Zhang & Maire).
 """
 
 from __future__ import annotations
