@@ -59,6 +59,13 @@ class EdgesConfig(Section):
         None, description="learned: weights file (default: the shipped ones); sed: model.yml.gz"
     )
     scales: list[float] = Field([1.0], min_length=1, description="multi-scale inference: image scale factors")
+    spectral: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="weight of gPb's spectral globalisation mixed into the edges (0: local edges only; "
+        "Zhang & Maire's regions use SE edges plus the spectral signal; distseg.grouping.spectral)",
+    )
 
 
 class HierarchyConfig(Section):

@@ -4,6 +4,7 @@ official gPb-owt-ucm numbers beside them.
 
     python jobs/benchmark_grouping.py --data ../shared/data/bsds500 --split test --detectors learned,gradient
     python jobs/benchmark_grouping.py --detectors learned,learned@0.5+1+1.5   # single- vs multi-scale
+    python jobs/benchmark_grouping.py --detectors learned --spectral 0,0.3,0.5 --limit 40   # gPb's sPb mixed in
     ray job submit --working-dir . -- python jobs/benchmark_grouping.py ...
 """
 
@@ -37,6 +38,11 @@ def main() -> None:
         default="learned,gradient",
         help="comma-separated edge detectors; NAME@S1+S2+... runs NAME at those image scales",
     )
+    parser.add_argument(
+        "--spectral",
+        default="0",
+        help="comma-separated edges.spectral weights: every detector runs with each (0: local edges only)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
     parser.add_argument("--thresholds", type=int, default=99, help="benchmark thresholds (official: 99)")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmark_grouping"), help="output folder")
@@ -44,12 +50,16 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = []
-    for spec in args.detectors.split(","):
+    specs = [(spec, float(w)) for spec in args.detectors.split(",") for w in args.spectral.split(",")]
+    for spec, spectral in specs:
         detector, _, scales = spec.partition("@")
         scale_override = [f"edges.scales=[{scales.replace('+', ',')}]"] if scales else []
-        cfg = load_config("edges", [f"edges.detector={detector}", *args.overrides, *scale_override])
+        cfg = load_config(
+            "edges", [f"edges.detector={detector}", *args.overrides, *scale_override, f"edges.spectral={spectral}"]
+        )
         name = detector if not scales else f"{detector} x{scales.replace('+', ',')}"
-        folder = args.out / spec.replace("@", "_at_").replace("+", "_")
+        name += f" + sPb {spectral:g}" if spectral else ""
+        folder = args.out / (spec.replace("@", "_at_").replace("+", "_") + (f"_spb{spectral:g}" if spectral else ""))
         m = evaluate_grouping(cfg, args.data, args.split, folder, args.limit, args.thresholds)
         edge_s, hier_s = m["edge_seconds_per_image"], m["hierarchy_seconds_per_image"]
         rows.append((f"{name} edges", m["edges"]["ods_f"], m["edges"]["ois_f"], m["edges"]["ap"], None, edge_s, None))
@@ -81,9 +91,9 @@ def main() -> None:
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     n = args.limit or "all"
     print(f"\nBSDS500 {args.split} ({n} images), {args.thresholds} thresholds; seconds are per image per core")
-    print(f"{'method':<30} {'ODS':>6} {'OIS':>6} {'AP':>6} {'cover':>6} {'edge s':>7} {'ucm s':>7}")
+    print(f"{'method':<38} {'ODS':>6} {'OIS':>6} {'AP':>6} {'cover':>6} {'edge s':>7} {'ucm s':>7}")
     for row in rows:
-        print(f"{row[0]:<30} " + " ".join(f"{fmt(v):>6}" for v in row[1:5]) + f" {fmt(row[5]):>7} {fmt(row[6]):>7}")
+        print(f"{row[0]:<38} " + " ".join(f"{fmt(v):>6}" for v in row[1:5]) + f" {fmt(row[5]):>7} {fmt(row[6]):>7}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.json").write_text(json.dumps(rows, indent=2))
 

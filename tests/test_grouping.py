@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+from distseg.config import load_config
 from distseg.grouping.edgenet import EdgeNet, LearnedEdges, edge_loss, export_weights, load_edgenet
 from distseg.grouping.edges import EDGE_DETECTORS, create_edge_detector, non_maximum_suppression
 from distseg.grouping.hierarchy import build_hierarchy
+from distseg.grouping.types import EdgeMap
 
 
 def step_image(width=40, height=30, split=20):
@@ -196,3 +198,71 @@ def test_edges_eval_cli_writes_ucms_and_metrics(bsds_root, tmp_path):
     assert len(pngs) == 2
     ucm = cv2.imread(str(pngs[0]), cv2.IMREAD_UNCHANGED)
     assert ucm.dtype == np.uint16 and ucm.shape in ((321, 481), (481, 321)) and ucm.max() > 0
+
+
+def square_outline(gap: int = 0, size: int = 64) -> np.ndarray:
+    """Edge strength 1 on the outline of a centred square (a `gap`-pixel opening in its top side)."""
+    strength = np.zeros((size, size), np.float32)
+    a, b = size // 4, 3 * size // 4
+    strength[a, a:b] = strength[b, a:b] = strength[a:b, a] = strength[a:b, b] = 1
+    mid = size // 2
+    strength[a, mid - gap // 2 : mid - gap // 2 + gap] = 0
+    return strength
+
+
+def test_intervening_contour_affinity_cuts_across_edges_only():
+    from distseg.grouping.spectral import intervening_contour_affinity
+
+    strength = square_outline()
+    w = intervening_contour_affinity(strength, radius=5, rho=0.1)
+    assert abs(w - w.T).max() == 0 and np.allclose(w.diagonal(), 1)
+    # an interior pixel far from the outline has every pixel of the radius-5 disc as a neighbour
+    row = w.getrow(32 * 64 + 32)
+    assert row.nnz == sum(dy * dy + dx * dx <= 25 for dy in range(-5, 6) for dx in range(-5, 6))
+    assert np.allclose(row.data, 1)
+    inside, outside = 20 * 64 + 20, 12 * 64 + 12  # (20, 20) inside the outline at 16, (12, 12) outside
+    assert w[20 * 64 + 17, 20 * 64 + 14] == pytest.approx(np.exp(-10))  # across the x = 16 line
+    assert w[inside, inside + 2] == 1 and w[outside, outside + 2] == 1
+
+
+def test_spectral_vectors_separate_what_the_edges_enclose():
+    from distseg.grouping.spectral import intervening_contour_affinity, spectral_vectors
+
+    lam, vectors = spectral_vectors(intervening_contour_affinity(square_outline(), 5, 0.1), num_vectors=4)
+    assert lam.shape == (4,) and lam[0] < 1e-3 <= lam[1] + 1e-3 and (np.diff(lam) >= -1e-9).all()
+    v = vectors[:, 0].reshape(64, 64)
+    assert np.sign(v[32, 32]) != np.sign(v[4, 4])  # inside vs outside of the closed outline
+    assert v[20:44, 20:44].std() < 0.05 * np.abs(v[20:44, 20:44]).mean()  # constant inside
+
+
+def test_spectral_term_bridges_a_gap_in_the_local_edges():
+    """gPb's reason for sPb: a contour the local edges leave open is partly closed by the eigenvectors."""
+    from distseg.grouping.spectral import SpectralGlobalization, spectral_boundaries
+
+    local = square_outline(gap=4)
+    spb = spectral_boundaries(local, num_vectors=8)
+    spb /= np.percentile(spb, 99)
+    gap, inside, outside = spb[16, 31:33].mean(), spb[32, 24:40].mean(), spb[4, 24:40].mean()
+    assert local[16, 31:33].max() == 0 and gap > 10 * max(inside, outside), (gap, inside, outside)
+    edges = EdgeMap(local, np.full_like(local, 0.5))
+    mixed = SpectralGlobalization(lambda image: edges, weight=0.5, num_vectors=8)(np.zeros((64, 64, 3), np.uint8))
+    assert 0 <= mixed.strength.min() and mixed.strength.max() <= 1
+    assert mixed.strength[16, 31:33].min() > 5 * mixed.strength[32, 24:40].mean()
+    np.testing.assert_array_equal(mixed.orientation, edges.orientation)  # OWT reads the local orientation
+    with pytest.raises(ValueError, match="edges.spectral"):
+        SpectralGlobalization(lambda image: edges, weight=0.0)
+
+
+def test_edges_spectral_wraps_any_detector():
+    from distseg.grouping.edges import GradientEdges, edge_detector_from_config
+    from distseg.grouping.spectral import SpectralGlobalization
+
+    cfg = load_config("edges", ["edges.detector=gradient"])
+    assert isinstance(edge_detector_from_config(cfg.edges), GradientEdges)
+    cfg = load_config("edges", ["edges.detector=gradient", "edges.spectral=0.4"])
+    detector = edge_detector_from_config(cfg.edges)
+    assert isinstance(detector, SpectralGlobalization) and detector.weight == 0.4
+    image = np.zeros((40, 50, 3), np.uint8)
+    image[:, 25:] = 200
+    edges = detector(image)
+    assert edges.strength.shape == (40, 50) and edges.strength[:, 23:27].mean() > 2 * edges.strength[:, :10].mean()

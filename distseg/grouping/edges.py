@@ -55,11 +55,17 @@ def create_edge_detector(name: str, **kwargs) -> EdgeDetector:
 
 
 def edge_detector_from_config(edges_cfg) -> EdgeDetector:
-    """The detector an `EdgesConfig` names, given the config keys it registered as taking."""
+    """The detector an `EdgesConfig` names, given the config keys it registered as taking; with
+    `edges.spectral` > 0, wrapped in gPb's spectral globalisation (distseg.grouping.spectral)."""
     takes = EDGE_DETECTORS.meta(edges_cfg.detector).get("takes", ())
     kwargs = {key: getattr(edges_cfg, key) for key in takes}
     kwargs = {key: tuple(value) if isinstance(value, list) else value for key, value in kwargs.items()}
-    return create_edge_detector(edges_cfg.detector, **kwargs)
+    detector = create_edge_detector(edges_cfg.detector, **kwargs)
+    if getattr(edges_cfg, "spectral", 0):  # gPb's globalisation on top of any detector
+        from distseg.grouping.spectral import SpectralGlobalization
+
+        detector = SpectralGlobalization(detector, edges_cfg.spectral)
+    return detector
 
 
 def as_rgb(image: np.ndarray) -> np.ndarray:
