@@ -438,7 +438,6 @@ def test_deeplab_is_torchvisions_head_on_padded_flipped_crops():
     assert isinstance(head, DeepLabHead) and isinstance(head[0], ASPP)
     assert [m.dilation[0] for m in head[0].convs[1:4].modules() if isinstance(m, torch.nn.Conv2d)] == [1, 2, 3]
     # a 12-cell crop of an 8x8 map: the map is inside, the rest ignored labels and zero features
-    proto._mean_np, proto._std_np = np.zeros((D, 1, 1), np.float32), 1.0
     features = np.ones((D, 8, 8), np.float32)
     label = np.zeros((8, 8), np.int64)
     rng = np.random.default_rng(0)

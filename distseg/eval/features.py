@@ -64,11 +64,14 @@ class ModelFeatures:
         self.image_size = image_size
         self.device = device
 
+    def _input(self, image: np.ndarray) -> torch.Tensor:
+        """(1, 3, h, w) network input: resized to `image_size`, ImageNet-normalised, on the device."""
+        x = (resize_longer(image, self.image_size).astype(np.float32) / 255 - MEAN) / STD
+        return torch.from_numpy(x).permute(2, 0, 1)[None].to(self.device)
+
     @torch.no_grad()
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        x = (resize_longer(image, self.image_size).astype(np.float32) / 255 - MEAN) / STD
-        x = torch.from_numpy(x).permute(2, 0, 1)[None].to(self.device)
-        return self.model(x)[0].float().cpu().numpy()
+        return self.model(self._input(image))[0].float().cpu().numpy()
 
 
 @register_features("checkpoint", gpu=True, needs_checkpoint=True)
@@ -103,21 +106,17 @@ def load_saliency_head(checkpoint: str | Path) -> torch.Tensor:
     return state["saliency_head.weight"].float()
 
 
-class SaliencyMaps:
+class SaliencyMaps(ModelFeatures):
     """A maskcontrast checkpoint's saliency probability, sigmoid(head(decoder features)), as (1, h, w)
     on the embedding's grid; the head is the 1x1 conv the method trained beside the embedding head."""
 
     def __init__(self, model: torch.nn.Module, head: torch.Tensor, image_size: int | None = 320, device: str = "cpu"):
-        self.model = model.to(device).eval()
+        super().__init__(model, image_size, device)
         self.head = head.to(device)
-        self.image_size = image_size
-        self.device = device
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        x = (resize_longer(image, self.image_size).astype(np.float32) / 255 - MEAN) / STD
-        x = torch.from_numpy(x).permute(2, 0, 1)[None].to(self.device)
-        _, feats = self.model(x, return_features=True)
+        _, feats = self.model(self._input(image), return_features=True)
         if feats.shape[1] != self.head.shape[1]:
             raise ValueError(f"decoder features have {feats.shape[1]} channels, the saliency head {self.head.shape[1]}")
         return torch.sigmoid(F.conv2d(feats.float(), self.head))[0].cpu().numpy()

@@ -97,13 +97,13 @@ class DeepLabProtocol(LinearProbeProtocol):
         return DeepLabHead(in_channels, self.num_classes, self.rates)
 
     def _crop(self, rng: np.random.Generator, features: np.ndarray, label: np.ndarray):
-        """A random ``cells`` x ``cells`` window (padded: zero features after standardisation, ignored
-        labels), flipped left-right half the time."""
+        """A random ``cells`` x ``cells`` window of standardised ``features`` (padded: zero features,
+        the train mean, and ignored labels), flipped left-right half the time."""
         c = self.cells
         d, h, w = features.shape
         x = np.zeros((d, max(h, c), max(w, c)), np.float32)
         y = np.full((max(h, c), max(w, c)), self.ignore_index, np.int64)
-        x[:, :h, :w] = (features - self._mean_np) / self._std_np
+        x[:, :h, :w] = features
         y[:h, :w] = label
         top, left = rng.integers(0, x.shape[1] - c + 1), rng.integers(0, x.shape[2] - c + 1)
         x, y = x[:, top : top + c, left : left + c], y[top : top + c, left : left + c]
@@ -112,8 +112,9 @@ class DeepLabProtocol(LinearProbeProtocol):
         return np.ascontiguousarray(x), np.ascontiguousarray(y)
 
     def _fit(self, head: nn.Module) -> float:
-        self._mean_np = self._mean.cpu().numpy()[0]
-        self._std_np = float(self._std.cpu())
+        mean, std = self._mean.cpu().numpy()[0], float(self._std.cpu())
+        # standardised once, not at every crop (an image is cropped ~iterations * batch / images times)
+        train = [(((f - mean) / std).astype(np.float32), y) for f, y in self._train]
         optimizer = torch.optim.SGD(
             head.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
         )
@@ -121,13 +122,13 @@ class DeepLabProtocol(LinearProbeProtocol):
         schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, steps, gamma=0.1)
         rng = np.random.default_rng(self.seed)
         head.train()
-        order, at, last = rng.permutation(len(self._train)), 0, float("nan")
+        order, at, last = rng.permutation(len(train)), 0, float("nan")
         for _ in range(self.iterations):
             batch = []
             for _ in range(self.batch_size):
                 if at == len(order):
-                    order, at = rng.permutation(len(self._train)), 0
-                batch.append(self._crop(rng, *self._train[order[at]]))
+                    order, at = rng.permutation(len(train)), 0
+                batch.append(self._crop(rng, *train[order[at]]))
                 at += 1
             x = torch.from_numpy(np.stack([b[0] for b in batch])).to(self.device)
             y = torch.from_numpy(np.stack([b[1] for b in batch])).to(self.device)
