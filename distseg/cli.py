@@ -94,7 +94,7 @@ def mine(
         help=CONFIG_HELP + " (default hiergroup: the paper's ucm settings, long side 512 px; demo: 128 px)",
     ),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="stop at the first bad image instead of recording it"),
-    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (e.g. mine.priors=[ucm,saliency])"),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (e.g. mine.priors=\\[ucm,saliency])"),
 ) -> None:
     """Run the grouping priors over an image collection into Parquet shards (resumable)."""
     from distseg.mining import MiningError
@@ -208,7 +208,8 @@ def evaluate(
     protocols: str | None = typer.Option(
         None,
         "--protocols",
-        help="comma list: dataset_kmeans, linear, knn, retrieval, davis, davis_zm, purity, segment_purity, position",
+        help="comma list: dataset_kmeans, object_kmeans, linear, deeplab, knn, retrieval, davis, davis_zm, purity, "
+        "segment_purity, position",
     ),
     seeds: int | None = typer.Option(None, "--seeds", help="rerun the stochastic protocols with N seeds (mean +- std)"),
     baseline: str | None = typer.Option(None, "--baseline", help="also score baselines: random, rgbxy (comma list)"),

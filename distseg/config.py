@@ -6,12 +6,13 @@ Unknown keys and bad values raise `ConfigError` naming the dotted key, the value
 A YAML file may start from another with `_base_: NAME_OR_PATH` (relative paths resolve beside it).
 
 The stage sections (data, mine, pretrain, evaluate, ...) are defined here. Components contribute their
-own sections: each registered method's params model is `losses.<method>`, each prior's is
-`priors.<prior>` (see `config_model`), and the model's section is `distseg.models.ModelConfig`. A
+own sections: each registered method's params model is `losses.<method>`, each prior with settings
+has `priors.<prior>` (see `config_model`), and the model's section is `distseg.models.ModelConfig`. A
 config may name `plugins`: Python modules or .py files imported before validation (here and in every
 Ray worker), so a user's own method, prior, protocol or dataset registers without editing distseg.
-Every registry name a config uses (method, priors, edge detector, backbone, protocols, baselines,
-data source) is checked when the config is built, before any stage starts Ray.
+The registry names of the training side (method, priors, edge detector, backbone) are checked when the
+config is built, before any stage starts Ray; evaluation protocols, their arguments and baselines are
+checked by `distseg.eval.evaluate` before it reads data or starts Ray.
 """
 
 from __future__ import annotations
@@ -219,7 +220,8 @@ class EvaluateConfig(Section):
     protocols: list[str] = Field(
         ["linear", "dataset_kmeans", "knn", "retrieval"],
         min_length=1,
-        description="linear, dataset_kmeans (old name kmeans), knn, retrieval, davis, davis_zm, purity, position",
+        description="linear, deeplab, dataset_kmeans (old name kmeans), object_kmeans, knn, retrieval, davis, "
+        "davis_zm, purity, segment_purity, position",
     )
     diagnostics: list[str] = Field(
         ["position"],
@@ -484,7 +486,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"override {text!r} is not KEY=VALUE (for example train.steps=200)")
+        raise ConfigError(f"override {text!r} is not KEY=VALUE (for example pretrain.steps=200)")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -212,6 +213,21 @@ def start_run(
 
 
 def ui_command(cfg: Config) -> str:
-    """The command that opens the MLflow UI for this config's store, bound to 127.0.0.1."""
+    """The command that opens the MLflow UI for this config's store, bound to 127.0.0.1.
+
+    The `mlflow` is the one installed beside this Python (`.venv/bin/mlflow` after `make demo`, which
+    does not activate the virtual environment), relative to the working directory when it is below it."""
     uri = tracking_uri(cfg.workdir, cfg.tracking.uri)
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000 --workers 1"
+    return f"{mlflow_executable()} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000 --workers 1"
+
+
+def mlflow_executable() -> str:
+    """`mlflow` beside the running interpreter if it is there (relative to the working directory when
+    below it), else plain `mlflow` from PATH."""
+    exe = Path(sys.executable).parent / "mlflow"
+    if not exe.exists():
+        return "mlflow"
+    try:
+        return str(Path(".") / exe.relative_to(Path.cwd()))
+    except ValueError:
+        return str(exe)

@@ -96,6 +96,17 @@ def test_cli_config_show_and_errors():
     assert top.exit_code == 0 and "config" in top.output and "demo" in top.output
 
 
+def test_the_distseg_command_is_main_so_it_installs_the_warning_handler():
+    """The console script must be `cli.main` (which installs `show_warning`), not the bare Typer app."""
+    import tomllib
+    from importlib.metadata import entry_points
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["distseg"] == "distseg.cli:main"
+    (installed,) = entry_points(group="console_scripts", name="distseg")
+    assert installed.value == "distseg.cli:main"
+
+
 def test_distseg_warnings_print_as_one_yellow_line_and_others_as_python_does(capsys, monkeypatch):
     import warnings
 
@@ -109,3 +120,18 @@ def test_distseg_warnings_print_as_one_yellow_line_and_others_as_python_does(cap
     monkeypatch.setattr(cli, "_python_showwarning", lambda message, *args: passed_on.append(str(message)))
     warnings.warn_explicit("a library's notice", UserWarning, "/elsewhere/somelib/core.py", 12)
     assert passed_on == ["a library's notice"] and capsys.readouterr().err == ""
+
+
+def test_every_registered_protocol_is_named_in_the_help_and_the_config_description():
+    import typer
+
+    from distseg.cli import app
+    from distseg.config import EvaluateConfig
+    from distseg.eval.protocols import PROTOCOLS
+
+    evaluate = typer.main.get_command(app).commands["evaluate"]
+    (option,) = [p for p in evaluate.params if p.name == "protocols"]
+    described = EvaluateConfig.model_fields["protocols"].description
+    for name in PROTOCOLS.list():
+        assert name in option.help.replace(",", " ").split(), name
+        assert name in described.replace(",", " ").split(), name

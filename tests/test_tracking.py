@@ -1,3 +1,5 @@
+import sys
+
 import numpy as np
 from mlflow.tracking import MlflowClient
 
@@ -95,3 +97,24 @@ def test_pretrain_progress_line_reads_what_rank_0_logged(tmp_path, monkeypatch):
         assert line.startswith("pretrain: step 50/200 (25%), loss 2.2500, 14.5 img/s, ETA ")
         assert line.endswith("checkpoint @ 50")
         assert progress.line() is None  # the same step is not shown twice
+
+
+def test_the_ui_command_names_the_mlflow_beside_this_python(tmp_path, monkeypatch):
+    """`make demo` does not activate .venv, so a bare `mlflow` would not be found: the printed command
+    names the one installed beside the interpreter, relative to the working directory when below it."""
+    from distseg.tracking import mlflow_executable, ui_command
+
+    bindir = tmp_path / "venv" / "bin"
+    bindir.mkdir(parents=True)
+    (bindir / "mlflow").write_text("#!/bin/sh\n")
+    monkeypatch.setattr(sys, "executable", str(bindir / "python"))
+    monkeypatch.chdir(tmp_path)
+    assert mlflow_executable() == "venv/bin/mlflow"
+    cfg = load_config("demo", [f"workdir={tmp_path / 'w'}"])
+    assert ui_command(cfg).startswith("venv/bin/mlflow ui --backend-store-uri sqlite:///")
+    elsewhere = tmp_path / "other"  # an interpreter outside the working directory: its absolute path
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert mlflow_executable() == str(bindir / "mlflow")
+    (bindir / "mlflow").unlink()
+    assert mlflow_executable() == "mlflow"

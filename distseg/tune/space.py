@@ -10,7 +10,7 @@
     max_concurrent_trials: null    # null: as many as the cluster holds (distseg.tune.sweep.plan_concurrency)
     params:
       losses.hiergroup.sigma_p: {loguniform: [0.2, 3.0]}
-      losses.hiergroup.cns: {grid: [0.0, 0.5, 1.0]}
+      losses.hiergroup.cns: {grid: [0, 5, 20]}
       pretrain.lr: {choice: [0.001, 0.003]}
 
 Domains: `loguniform: [lo, hi]`, `uniform: [lo, hi]`, `quniform: [lo, hi, q]`, `randint: [lo, hi]`

@@ -85,7 +85,7 @@ class FeatureSample:
 class EvalResult:
     """What a protocol reports.
 
-    ``metrics`` keys are prefixed with the protocol name (``kmeans/miou``); ``per_class`` has one
+    ``metrics`` keys are prefixed with the protocol name (``dataset_kmeans/miou``); ``per_class`` has one
     dict per class (``class``, ``iou``, ``accuracy``, ``pixels``); ``confusion`` is the
     class-vs-class pixel matrix (rows ground truth); ``predictions`` holds a few predicted label
     maps at label resolution (``ignore_index`` where no class was predicted), keyed by image id.
