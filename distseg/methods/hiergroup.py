@@ -37,7 +37,7 @@ Readings and departures, each deliberate:
   networks the position argument has not held. Once on the old demo (one seed, 150 steps, zero padding):
   with the paper's form dataset k-means 0.187 vs 0.143, linear 0.340 vs 0.336, kNN 0.320 vs 0.308,
   position R^2 0.656 vs 0.634, cosine gap 0.145 vs 0.241. On today's demo (3 seeds, 300 steps, reflect
-  padding; README, Results): the paper's form halves the position measures (R^2 0.028 vs 0.064, relative
+  padding; docs/RESULTS.md): the paper's form halves the position measures (R^2 0.028 vs 0.064, relative
   cosine gap 0.022 vs 0.054, the random network 0.055) and scores a little lower (k-means 0.142 vs
   0.164, linear 0.259 vs 0.268, kNN 0.288 vs 0.298, each within about one standard deviation over
   seeds). The default stays as the MSRC tables were trained until an MSRC run at GPU scale decides it.

@@ -50,7 +50,7 @@ Departures from the authors' code, each deliberate:
 - Network and init (M7, M8): distseg's hypercolumn net, not DeepLabV3 on a dilated ResNet-50 from
   MoCo v2. maskcontrast_msrc.yaml starts from a self-supervised distseg checkpoint (`model.init_from`);
   from random init the prototypes of different images are almost parallel and the contrast stays at
-  chance (README).
+  chance (docs/RESULTS.md).
 - No shuffle-BN (M9): the key encoder runs in train mode (batch statistics, as MoCo) on its own
   forward pass of the key view; within one worker a shuffle could not change which images share a BN
   batch.
