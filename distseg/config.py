@@ -168,6 +168,12 @@ class PretrainConfig(Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel)")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs (and torch threads) per worker")
     use_gpu: bool = Field(False, description="one GPU per worker (AMP and channels_last on)")
+    deterministic: bool | None = Field(
+        None,
+        description="torch's deterministic algorithms (a rerun with the same seed trains the same weights; on "
+        "CPU the backward of the losses' pixel gathers otherwise sums in thread order); null: on for CPU "
+        "workers, off on GPU (its cost there is not measured)",
+    )
     fit_cluster: bool = Field(
         True,
         description="lower cpus_per_worker when the cluster cannot give workers + 1 ingest CPU (false: stop instead)",

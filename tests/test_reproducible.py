@@ -2,7 +2,8 @@
 
 Two 1-worker pretraining runs of the same config and seed on the same shards (a real local Ray
 cluster, the Ray Data ingest with its seeded views, ordered blocks and seeded shuffle buffer), then
-the same evaluation of each checkpoint: the per-step losses, the weights and the mIoU agree to 1e-3.
+the same evaluation of each checkpoint: the per-step losses, the weights and the mIoU agree bit for
+bit.
 A third run with another seed must differ, so the comparison can fail. The same runs' console (what a
 user sees) holds each stage's progress line and none of Ray's internal chatter."""
 
@@ -83,7 +84,9 @@ def test_same_seed_same_losses_weights_and_miou(tmp_path, capfd):
     a, b, c = runs["a"], runs["b"], runs["c"]
     print({k: (v["losses"], v["miou"]) for k, v in runs.items()})
     assert len(a["losses"]) == 4
-    assert a["losses"] == pytest.approx(b["losses"], abs=1e-3)
-    assert a["miou"] == pytest.approx(b["miou"], abs=1e-3)
-    assert max((a["weights"][k].float() - b["weights"][k].float()).abs().max().item() for k in a["weights"]) < 1e-3
+    # bit for bit: pretrain.deterministic (on for CPU workers) removes the thread-order sums of the losses'
+    # pixel gathers, which had left the same seed's runs about 1e-3 apart after a few steps
+    assert a["losses"] == b["losses"]
+    assert a["miou"] == b["miou"]
+    assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
     assert c["losses"] != pytest.approx(a["losses"], abs=1e-3)  # another seed: another run

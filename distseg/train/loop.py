@@ -20,7 +20,7 @@ import torch
 from distseg.config import PretrainConfig
 from distseg.core.constants import IMAGENET_MEAN, IMAGENET_STD
 from distseg.methods import Method, Views, create_method
-from distseg.train.engine import WorkerSession
+from distseg.train.engine import WorkerSession, use_deterministic
 from distseg.train.probe import build_probe
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -71,6 +71,7 @@ class LocalStep:
 
     def __init__(self, cfg, device: torch.device, amp: bool):
         torch.manual_seed(cfg.seed)
+        use_deterministic(cfg.pretrain.deterministic, device)
         self.cfg, self.device, self.amp = cfg, device, amp
         self.method = create_method(cfg)
         self.net = self.method.build_model().to(device)
@@ -144,7 +145,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     cfg_data = loop_config["config"]
     pcfg = PretrainConfig.model_validate(cfg_data["pretrain"])
-    session = WorkerSession(loop_config, threads=pcfg.cpus_per_worker)
+    session = WorkerSession(loop_config, threads=pcfg.cpus_per_worker, deterministic=pcfg.deterministic)
     cfg, device = session.cfg, session.device
     if session.rank == 0 and loop_config.get("placement_group_file"):
         record_placement_group(loop_config["placement_group_file"])
