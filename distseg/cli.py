@@ -257,8 +257,8 @@ def evaluate(
 
 
 @contextlib.contextmanager
-def distill_errors():
-    """A distill stage's bad input (a missing file, an existing output, a bad value): one red line, exit 1."""
+def stage_errors():
+    """A stage's bad input (a missing file, an existing output, a bad value): one red line, exit 1."""
     try:
         yield
     except (FileNotFoundError, FileExistsError, ValueError) as e:
@@ -285,7 +285,7 @@ def distill_masks(
     """Mine vit_masks (pretraining a ViT first when no weights or checkpoint are given), then cluster them."""
     from distseg.distill.stage import distill_masks as run
 
-    with distill_errors():
+    with stage_errors():
         s = run(resolve(config, overrides), data, input, out)
     c = s.cluster
     typer.echo(f"mined {s.mined} images ({s.errors} errors) in {s.mine_seconds:.1f} s -> {s.masks}")
@@ -312,7 +312,7 @@ def distill_cluster(
     Features and K always come from priors.vit_masks, so other proposals (--prior) compare like for like."""
     from distseg.distill.cluster import cluster_masks
 
-    with distill_errors():
+    with stage_errors():
         c = cluster_masks(resolve(config, overrides), data, out, prior=prior, score=score)
     typer.echo(
         f"{c.masks} {c.prior} masks of {c.images} images ({c.masks / max(1, c.images):.2f} per image), "
@@ -361,7 +361,7 @@ def distill_ap(
 
     cfg = resolve(config, overrides)
     names = [p.strip() for p in priors.split(",") if p.strip()] if priors else None
-    with distill_errors():
+    with stage_errors():
         r = evaluate_masks(cfg, data, dataset, names, split, progress=True)
     typer.echo(f"class-agnostic mask AP on {r.images} images of {r.dataset} (split {r.split}):")
     typer.echo(f"{'prior':<20} {'masks/image':>11} {'area':>6} {'AP':>7} {'AP50':>7} {'AP75':>7} {'best IoU':>8}")
@@ -384,7 +384,7 @@ def distill_train(
     """Distil the clustered masks into Mask R-CNN with Ray Train (rerunning the same name resumes)."""
     from distseg.distill.maskrcnn import train_maskrcnn
 
-    with distill_errors():
+    with stage_errors():
         r = train_maskrcnn(resolve(config, overrides), data)
     typer.echo(
         f"Mask R-CNN: {r.metrics.get('step')} steps, loss {r.metrics.get('loss', float('nan')):.4f}, {r.seconds:.0f} s"
@@ -403,7 +403,7 @@ def distill_confident(
     """Mask R-CNN over the dataset (Ray Data); confident masks -> pseudo label maps in a new version."""
     from distseg.distill.confident import confident_stage
 
-    with distill_errors():
+    with stage_errors():
         s = confident_stage(resolve(config, overrides), checkpoint, data, out)
     typer.echo(f"{s.images} images: {s.masks} of {s.predictions} predictions kept ({s.seconds:.0f} s) -> {s.output}")
     typer.echo(f"pixel share per class (0 = background): {s.pixel_share}")
@@ -420,7 +420,7 @@ def distill_segment(
     from distseg.distill.segment import evaluate_segmenter, train_segmenter
 
     cfg = resolve(config, overrides)
-    with distill_errors():
+    with stage_errors():
         r = train_segmenter(cfg, data)
         scores = evaluate_segmenter(cfg, r.checkpoint) if evaluate else None
     typer.echo(
@@ -445,7 +445,7 @@ def distill_run(
     """MaskDistill end to end: masks, clusters, Mask R-CNN, confident masks, DeepLab-v3, evaluation."""
     from distseg.distill.pipeline import run_pipeline
 
-    with distill_errors():
+    with stage_errors():
         s = run_pipeline(resolve(config, overrides), root, input, ablation)
     from distseg.cluster import shutdown_ray
 
@@ -467,15 +467,20 @@ app.add_typer(edges_app, name="edges")
 
 @edges_app.command("train")
 def edges_train(
-    data: Path = typer.Option(..., help="BSDS500 root (with images/ and groundTruth/), e.g. ../shared/data/bsds500"),
+    data: Path | None = typer.Option(
+        None,
+        help="BSDS500 root with images/ and groundTruth/ "
+        "(default: $DISTSEG_DATA_ROOT/bsds500, else ../shared/data/bsds500)",
+    ),
     config: str = typer.Option("edges", "--config", "-c", help=CONFIG_HELP),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (see edge_train.*)"),
 ) -> None:
     """Train the learned edge network from scratch on BSDS500 train+val with Ray Train."""
     from distseg.train.edges import train_edges
 
-    cfg = resolve(config, list(overrides or []) + [f"edge_train.data={data}"])
-    weights = train_edges(cfg)
+    cfg = resolve(config, list(overrides or []) + ([f"edge_train.data={data}"] if data else []))
+    with stage_errors():
+        weights = train_edges(cfg)
     typer.echo(f"weights: {weights}")
     typer.echo(f"evaluate: distseg edges eval --detector learned --weights {weights} --split test")
 
@@ -506,9 +511,10 @@ def edges_eval(
         from distseg.data import default_data_root
 
         data = default_data_root() / "bsds500"
-    metrics = evaluate_grouping(
-        cfg, data, split=split, out_dir=out, limit=limit, thresholds=thresholds, regions=regions
-    )
+    with stage_errors():
+        metrics = evaluate_grouping(
+            cfg, data, split=split, out_dir=out, limit=limit, thresholds=thresholds, regions=regions
+        )
     if "edges" in metrics:
         e = metrics["edges"]
         typer.echo(f"edges alone: ODS={e['ods_f']:.3f} OIS={e['ois_f']:.3f} AP={e['ap']:.3f}")
@@ -564,9 +570,11 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
         _python_showwarning(message, category, filename, lineno, file, line)
 
 
-def main() -> None:
+def main(args: list[str] | None = None) -> None:
+    """The `distseg` command (and `jobs/*.py`, which pass their verb in `args`): the Typer app with
+    distseg's warnings as one line (`show_warning`)."""
     warnings.showwarning = show_warning
-    app()
+    app(args)
 
 
 if __name__ == "__main__":

@@ -116,14 +116,21 @@ def encode_prior(out: PriorOutput) -> dict:
     }
 
 
+def decode_region_dist(flat) -> np.ndarray | None:
+    """A row's `region_dist` column (flattened K x K float32 tree distances) back to its K x K matrix."""
+    if flat is None:
+        return None
+    k = int(round(np.sqrt(len(flat))))
+    if k * k != len(flat):
+        raise ValueError(f"region_dist holds {len(flat)} values, not a K x K matrix")
+    return np.asarray(flat, np.float32).reshape(k, k)
+
+
 def decode_prior(value: dict | None, height: int, width: int) -> PriorOutput | None:
     if value is None:
         return None
     regions = None if value.get("regions") is None else decode_png(value["regions"])
-    dist = value.get("region_dist")
-    if dist is not None:
-        k = int(round(np.sqrt(len(dist))))
-        dist = np.asarray(dist, np.float32).reshape(k, k)
+    dist = decode_region_dist(value.get("region_dist"))
     ucm = None if value.get("ucm") is None else decode_png(value["ucm"]).astype(np.float32) / 255.0
     return PriorOutput(
         regions=regions, region_dist=dist, ucm=ucm, masks=decode_masks(value.get("masks"), height, width)

@@ -21,13 +21,6 @@ def color_labels(labels: np.ndarray) -> np.ndarray:
     return palette(int(labels.max()) + 1)[labels]
 
 
-def overlay_boundaries(image: np.ndarray, strength: np.ndarray, color=(255, 40, 40)) -> np.ndarray:
-    """Blend a [0, 1] boundary-strength map onto an RGB image."""
-    alpha = np.clip(strength, 0, 1)[..., None].astype(np.float32)
-    out = image.astype(np.float32) * (1 - alpha) + np.array(color, np.float32) * alpha
-    return out.astype(np.uint8)
-
-
 def to_rgb(picture: np.ndarray) -> np.ndarray:
     if picture.ndim == 2:
         if picture.dtype != np.uint8:

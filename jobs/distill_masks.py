@@ -4,9 +4,9 @@ ray job submit --working-dir . -- python jobs/distill_masks.py --config maskdist
     --data s3://bucket/vit_masks priors.vit_masks.weights=dino_deitsmall16_pretrain.pth priors.vit_masks.num_gpus=1
 """
 
-from distseg.cli import app
+from distseg.cli import main
 
 if __name__ == "__main__":
     import sys
 
-    app(["distill", "masks", *sys.argv[1:]])
+    main(["distill", "masks", *sys.argv[1:]])

@@ -6,9 +6,9 @@ ray job submit --working-dir . -- python jobs/distill_run.py --config maskdistil
     distill.confident.num_gpus=1 distill.segment.weights=moco_r50.pth distill.segment.use_gpu=true
 """
 
-from distseg.cli import app
+from distseg.cli import main
 
 if __name__ == "__main__":
     import sys
 
-    app(["distill", "run", *sys.argv[1:]])
+    main(["distill", "run", *sys.argv[1:]])

@@ -3,9 +3,9 @@
 ray job submit --working-dir . -- python jobs/evaluate.py --checkpoint CKPT --data msrc --baseline random,rgbxy
 """
 
-from distseg.cli import app
+from distseg.cli import main
 
 if __name__ == "__main__":
     import sys
 
-    app(["evaluate", *sys.argv[1:]])
+    main(["evaluate", *sys.argv[1:]])

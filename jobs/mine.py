@@ -5,7 +5,9 @@
 The same command as `distseg mine`; `ray job submit` sets RAY_ADDRESS, which the job joins.
 """
 
-from distseg.cli import app
+import sys
+
+from distseg.cli import main
 
 if __name__ == "__main__":
-    app(["mine", *__import__("sys").argv[1:]])
+    main(["mine", *sys.argv[1:]])

@@ -3,9 +3,9 @@
 ray job submit --working-dir . -- python jobs/pretrain.py --config hiergroup --data SHARDS pretrain.num_workers=4
 """
 
-from distseg.cli import app
+from distseg.cli import main
 
 if __name__ == "__main__":
     import sys
 
-    app(["pretrain", *sys.argv[1:]])
+    main(["pretrain", *sys.argv[1:]])

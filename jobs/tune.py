@@ -3,9 +3,9 @@
 ray job submit --working-dir . -- python jobs/tune.py --space tune_spaces/hiergroup.yaml --data SHARDS
 """
 
-from distseg.cli import app
+from distseg.cli import main
 
 if __name__ == "__main__":
     import sys
 
-    app(["tune", *sys.argv[1:]])
+    main(["tune", *sys.argv[1:]])

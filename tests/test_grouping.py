@@ -266,3 +266,26 @@ def test_edges_spectral_wraps_any_detector():
     image[:, 25:] = 200
     edges = detector(image)
     assert edges.strength.shape == (40, 50) and edges.strength[:, 23:27].mean() > 2 * edges.strength[:, :10].mean()
+
+
+def test_edges_commands_name_a_bad_bsds_root_in_one_line_before_ray_starts(tmp_path):
+    import ray
+    from typer.testing import CliRunner
+
+    from distseg.cli import app
+
+    empty = tmp_path / "bsds"
+    empty.mkdir()
+    runner = CliRunner()
+    for args in (
+        ["edges", "eval", "--data", str(empty), "--limit", "1"],
+        ["edges", "train", "--data", str(empty), f"workdir={tmp_path / 'w'}", "edge_train.steps=1"],
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1, (args, result.output)
+        assert f"error: BSDS500 root {empty} has no images/ folder" in " ".join(result.output.split())
+        assert "Traceback" not in result.output
+        assert not ray.is_initialized()
+    (empty / "images" / "train").mkdir(parents=True)  # the layout is there, the images are not
+    result = runner.invoke(app, ["edges", "train", "--data", str(empty), f"workdir={tmp_path / 'w'}"])
+    assert result.exit_code == 1 and "no BSDS images for split 'train' under" in " ".join(result.output.split())

@@ -104,3 +104,13 @@ def test_a_failed_write_leaves_the_previous_file_whole(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out" / "shards").iterdir() if not p.name.startswith(".")) == [
         "part-0.parquet"
     ]
+
+
+def test_region_dist_decodes_to_its_square_matrix_and_refuses_another_length():
+    from distseg.shards import decode_region_dist
+
+    d = np.arange(9, dtype=np.float32).reshape(3, 3)
+    assert np.array_equal(decode_region_dist(d.ravel().tolist()), d)
+    assert decode_region_dist(None) is None
+    with pytest.raises(ValueError, match="holds 8 values"):
+        decode_region_dist([0.0] * 8)

@@ -190,7 +190,9 @@ def load_split(cfg: Config, split: str) -> tuple[LabeledSplit, list[str]]:
         sample = dataset[image_id]
         if sample.labels is None:
             raise EvaluationError(f"{cfg.evaluate.data}: image {image_id} has no labels (the protocols need them)")
-        ids.append(image_id), images.append(sample.image), labels.append(remap(sample.labels))
+        ids.append(image_id)
+        images.append(sample.image)
+        labels.append(remap(sample.labels))
     if not ids:
         raise EvaluationError(f"{cfg.evaluate.data}: split {split!r} is empty")
     return LabeledSplit(ids, images, labels), names

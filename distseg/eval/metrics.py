@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from distseg.core.constants import IGNORE_INDEX
+
 __all__ = [
     "ConfusionMatrix",
     "contingency",
@@ -34,7 +36,9 @@ def _as_int_array(x: Any) -> np.ndarray:
     return x.astype(np.int64, copy=False)
 
 
-def contingency(pred: Any, target: Any, num_pred: int, num_target: int, ignore_index: int | None = 255) -> np.ndarray:
+def contingency(
+    pred: Any, target: Any, num_pred: int, num_target: int, ignore_index: int | None = IGNORE_INDEX
+) -> np.ndarray:
     """Pixel counts ``(num_target, num_pred)``: entry ``[t, p]`` counts pixels of class ``t``
     predicted as ``p``.
 
@@ -81,7 +85,7 @@ class ConfusionMatrix:
         print(cm.miou(), cm.pixel_accuracy())
     """
 
-    def __init__(self, num_classes: int, ignore_index: int | None = 255) -> None:
+    def __init__(self, num_classes: int, ignore_index: int | None = IGNORE_INDEX) -> None:
         if num_classes < 1:
             raise ValueError("num_classes must be >= 1")
         self.num_classes = int(num_classes)

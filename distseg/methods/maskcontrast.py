@@ -60,7 +60,8 @@ Departures from the authors' code, each deliberate:
 - The saliency prior (M6) is distseg's `saliency` prior, not DeepUSPS / BASNet masks.
 
 Without `key2` (direct use, tests) the detached `emb2` stands in for the key embedding (momentum 0);
-without `feat1` the saliency term is 0. The training loop owns the EMA copy and reads `momentum`.
+without `feat1` the saliency term is 0. The method owns the EMA copy (`MaskContrast.after_step`, which the
+training loop calls after each optimizer step) and reads `momentum`.
 """
 
 from __future__ import annotations

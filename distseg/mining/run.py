@@ -66,10 +66,10 @@ def mine(
 
     from distseg.cluster import init_ray
     from distseg.data import is_source, source_image_files
+    from distseg.grouping.priors import PRIORS
 
     if not cfg.mine.priors:
-        raise ValueError("mine.priors is empty: name at least one prior (ucm, felzenszwalb, slic, saliency)")
-    from distseg.grouping.priors import PRIORS
+        raise ValueError(f"mine.priors is empty: name at least one prior ({', '.join(sorted(PRIORS))})")
 
     unknown = [p for p in cfg.mine.priors if p not in PRIORS]
     if unknown:

@@ -138,6 +138,11 @@ def train_edges(cfg: Config) -> Path:
     root = cfg.edge_train.data or str(default_data_root() / "bsds500")
     if not Path(root).is_dir():
         raise FileNotFoundError(f"edge_train.data: BSDS500 root not found: {root} (pass --data PATH)")
+    from distseg.data.bsds import BSDS500
+
+    for split in cfg.edge_train.splits:  # a wrong layout fails here, naming the folder, before Ray starts
+        if not BSDS500(root, split=split).ids():
+            raise FileNotFoundError(f"edge_train.data: {root} has no BSDS500 {split!r} images")
     workdir = Path(cfg.workdir).resolve()
     cfg = cfg.model_copy(deep=True)
     cfg.edge_train.data = absolute(root)

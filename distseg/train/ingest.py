@@ -25,7 +25,7 @@ from torchvision.transforms import v2
 
 from distseg import storage
 from distseg.config import PretrainConfig
-from distseg.shards import decode_image, decode_masks, decode_png
+from distseg.shards import decode_image, decode_masks, decode_png, decode_region_dist
 
 
 class IngestError(ValueError):
@@ -117,11 +117,7 @@ def segments_of(value: dict | None, height: int, width: int) -> tuple[np.ndarray
             foreground |= m.mask
         return foreground.astype(np.int16), None
     regions = decode_png(value["regions"]).astype(np.int16)
-    dist = value.get("region_dist")
-    if dist is not None:
-        k = int(round(np.sqrt(len(dist))))
-        dist = np.asarray(dist, np.float32).reshape(k, k)
-    return regions, dist
+    return regions, decode_region_dist(value.get("region_dist"))
 
 
 class PairedViews:
