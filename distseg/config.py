@@ -431,14 +431,19 @@ def _read_yaml(name_or_path: str | Path, seen: tuple[str, ...] = ()) -> dict[str
 
 
 def _locate(name_or_path: str | Path) -> tuple[str, str]:
+    """A config's text and where it came from: a YAML file (a .yaml/.yml path, or any existing file), else
+    the shipped config of that name. A folder of the same name (`distseg demo workdir=demo` leaves a
+    `demo/` in the working directory) does not hide a shipped config."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         return path.read_text(), str(path)
     shipped = resources.files(CONFIG_PACKAGE) / f"{name_or_path}.yaml"
     if shipped.is_file():
         return shipped.read_text(), f"{name_or_path} (shipped)"
+    if path.is_dir():
+        raise ConfigError(f"config {str(name_or_path)!r} is a folder, not a YAML file or a shipped config")
     raise ConfigError(
         f"unknown config {str(name_or_path)!r}: not a file and not a shipped config "
         f"(shipped: {', '.join(shipped_configs())})"

@@ -135,3 +135,14 @@ def test_every_registered_protocol_is_named_in_the_help_and_the_config_descripti
     for name in PROTOCOLS.list():
         assert name in option.help.replace(",", " ").split(), name
         assert name in described.replace(",", " ").split(), name
+
+
+def test_a_folder_named_like_a_shipped_config_does_not_hide_it(tmp_path, monkeypatch):
+    """`distseg demo workdir=demo` leaves a demo/ folder in the working directory; the next `distseg demo`
+    must still find the shipped config, not stop with "config file not found: demo"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    assert load_config("demo").name == "demo"
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ConfigError, match="'mine' is a folder, not a YAML file or a shipped config"):
+        load_config("mine")
