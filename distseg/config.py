@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
 
+from distseg.core.constants import IMAGE_EXTENSIONS
 from distseg.core.registry import Registry
 from distseg.core.section import Section
 from distseg.distill.config import DistillConfig
@@ -116,9 +117,7 @@ class MineConfig(Section):
     crash_limit: int = Field(
         2, ge=1, description="an image that killed its worker this many times goes to the errors table"
     )
-    extensions: list[str] = Field(
-        ["jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff"], min_length=1, description="image file extensions"
-    )
+    extensions: list[str] = Field(list(IMAGE_EXTENSIONS), min_length=1, description="image file extensions")
 
 
 class PretrainConfig(Section):

@@ -14,10 +14,9 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
+from distseg.core.constants import IMAGE_EXTENSIONS
 from distseg.data.base import Dataset, Sample, register_dataset
 from distseg.data.imageio import read_image
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff")
 
 
 def assign_ids(rel_paths: list[str], extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> dict[str, str]:

@@ -38,8 +38,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from distseg.core.constants import IMAGE_EXTENSIONS
 from distseg.data.base import DataProblem, Dataset, Sample, hash_split, register_dataset
-from distseg.data.folder import IMAGE_EXTENSIONS, find_images
+from distseg.data.folder import find_images
 from distseg.data.imageio import ImageDecodeError, label_values, open_image, read_image
 
 CLASS_FILES = ("classes.yaml", "classes.yml", "classes.txt", "labelmap.txt")
