@@ -21,7 +21,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import scipy.io
 
 from distseg.data.base import Dataset, Sample, register_dataset
 from distseg.data.imageio import read_image
@@ -36,16 +35,16 @@ SPLITS = {
 
 
 def load_ground_truth(path: str | Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(segmentations, boundaries) of a BSDS groundTruth .mat, one H x W array per annotator."""
+    """(segmentations, boundaries) of a BSDS groundTruth .mat, one H x W array per annotator (uint16
+    labels, uint8 0/1 boundaries): the benchmark's reader (`eval.bsds.load_bsds_ground_truth`), kept
+    compact in memory, with a wrong or damaged file named in one ValueError."""
+    from distseg.eval.bsds.io import load_bsds_ground_truth
+
     try:
-        cell = scipy.io.loadmat(str(path))["groundTruth"]
+        segs, bdrys = load_bsds_ground_truth(path)
     except Exception as err:  # MatReadError, KeyError, ValueError ... on a wrong or damaged file
         raise ValueError(f"{path}: not a BSDS groundTruth file ({type(err).__name__}: {err})") from err
-    segs, bdrys = [], []
-    for entry in cell.ravel():
-        segs.append(np.asarray(entry["Segmentation"][0, 0], dtype=np.uint16))
-        bdrys.append(np.asarray(entry["Boundaries"][0, 0], dtype=np.uint8))
-    return segs, bdrys
+    return [s.astype(np.uint16) for s in segs], [b.astype(np.uint8) for b in bdrys]
 
 
 @register_dataset("bsds", default_dir="bsds500")
