@@ -403,3 +403,12 @@ def test_synthetic_video() -> None:
     # objects pass in front of each other: some object's visible area shrinks by a quarter somewhere
     areas = np.array([[(f.instances == k).sum() for k in (1, 2, 3)] for f in frames])
     assert (areas.min(axis=0) < 0.75 * areas.max(axis=0)).any()
+
+
+def test_a_damaged_bsds_ground_truth_file_is_named_in_one_error(tmp_path):
+    from distseg.data.bsds import load_ground_truth
+
+    bad = tmp_path / "100007.mat"
+    bad.write_bytes(b"not a mat file at all")
+    with pytest.raises(ValueError, match=r"100007\.mat: not a BSDS groundTruth file"):
+        load_ground_truth(bad)
