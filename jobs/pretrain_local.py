@@ -48,7 +48,7 @@ class ShardPairs(IterableDataset):
             for k, i in enumerate(order):
                 if (p * len(self.files) + k) % nw != wid:
                     continue
-                table = pq.read_table(self.files[i], columns=self.columns)
+                table = pq.read_table(self.files[i], columns=self.columns).sort_by("image_id")  # as the ingest
                 table = table.append_column("pass", pa.array([p] * table.num_rows, pa.int32()))
                 rows = np.random.default_rng([self.seed, p, int(i)]).permutation(table.num_rows)
                 for s in range(0, len(rows), self.chunk):

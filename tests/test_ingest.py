@@ -224,3 +224,20 @@ def test_blur_softens_the_views_and_leaves_segments_and_coordinates_alone():
     e_blur = [energy(d[0]) for d in blurred]
     assert np.mean(e_blur) < 0.7 * e_sharp, (e_sharp, e_blur)
     assert max(e_blur) > 0.8 * e_sharp  # a sigma near 0.1 barely blurs: the strength is drawn
+
+
+def test_a_shard_files_rows_are_read_in_image_id_order_whatever_order_mining_wrote(tmp_path):
+    """Mining writes rows as its actors finish, so two minings of the same images differ in row order;
+    the read sorts them, so the seeded shuffle makes the same batches from either."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distseg.train.ingest import _read_files
+
+    ids = ["img_3", "img_0", "img_2", "img_1"]
+    path = tmp_path / "part.parquet"
+    pq.write_table(pa.table({"image_id": ids, "height": [1, 2, 3, 4]}), path)
+    table = _read_files(pa.table({"path": [str(path)], "pass": [2]}), columns=["image_id", "height"])
+    assert table.column("image_id").to_pylist() == ["img_0", "img_1", "img_2", "img_3"]
+    assert table.column("height").to_pylist() == [2, 4, 3, 1]  # whole rows move together
+    assert table.column("pass").to_pylist() == [2, 2, 2, 2]

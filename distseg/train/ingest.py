@@ -266,10 +266,14 @@ def build_dataset(shards: str | Path, cfg: PretrainConfig, repeats: int = 1, cpu
 
 
 def _read_files(batch: pa.Table, columns: list[str]) -> pa.Table:
-    """The rows of the shard files named in `batch` (a read task), each with its pass over the shards."""
+    """The rows of the shard files named in `batch` (a read task), each with its pass over the shards.
+
+    Each file's rows come sorted by image id: mining writes them in the order its actors finish, so two
+    minings of the same images (a fresh `make demo`) hold the same rows in another order, and the
+    seeded shuffle downstream would otherwise make other batches of them."""
     tables = []
     for path, pass_index in zip(batch.column("path").to_pylist(), batch.column("pass").to_pylist()):
-        table = _parquet(path).read(columns=columns)
+        table = _parquet(path).read(columns=columns).sort_by("image_id")
         tables.append(table.append_column("pass", pa.array([pass_index] * table.num_rows, pa.int32())))
     return pa.concat_tables(tables)
 
