@@ -151,7 +151,7 @@ def pretrain(
     from distseg.train.ingest import IngestError
     from distseg.train.pretrain import pretrain as run_pretrain
 
-    extra = ([f"pretrain.data={data}"] if data else []) + ([f"name={name}"] if name else [])
+    extra = ([f"pretrain.shards={data}"] if data else []) + ([f"name={name}"] if name else [])
     cfg = resolve(config, extra + list(overrides or []))
     try:
         result = run_pretrain(cfg)
@@ -203,7 +203,7 @@ def evaluate(
     data: str | None = typer.Option(
         None,
         "--data",
-        help="msrc | davis | synthetic | labeled:PATH | voc:PATH | coco:PATH (default: the config's evaluate.data)",
+        help="msrc | davis | synthetic | labeled:PATH | voc:PATH | coco:PATH (default: the config's evaluate.dataset)",
     ),
     protocols: str | None = typer.Option(
         None,
@@ -234,7 +234,7 @@ def evaluate(
         )
     extra = []
     if data:
-        extra.append(f"evaluate.data={data}")
+        extra.append(f"evaluate.dataset={data}")
     if protocols:
         extra.append(f"evaluate.protocols=[{protocols}]")
     if seeds:
@@ -304,7 +304,7 @@ def distill_cluster(
     prior: str = typer.Option(
         "vit_masks", "--prior", help="the proposals: a mask prior's column (vit_masks, saliency, felzenszwalb_masks)"
     ),
-    score: bool = typer.Option(False, help="then score row (a): Hungarian mIoU against evaluate.data's labels"),
+    score: bool = typer.Option(False, help="then score row (a): Hungarian mIoU against evaluate.dataset's labels"),
     config: str = typer.Option("maskdistill_demo", "--config", "-c", help=CONFIG_HELP),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (see priors.vit_masks.*)"),
 ) -> None:
@@ -334,7 +334,7 @@ def distill_ap(
         None,
         "--dataset",
         help="the dataset whose instance masks are the ground truth: synthetic | davis | coco:PATH "
-        "(default: the data source the shards were mined from, else evaluate.data)",
+        "(default: the data source the shards were mined from, else evaluate.dataset)",
     ),
     priors: str | None = typer.Option(
         None,
@@ -412,7 +412,7 @@ def distill_confident(
 @distill_app.command("segment")
 def distill_segment(
     data: str = typer.Option(..., "--data", "-d", help="a pseudo-label version (`distill confident` output)"),
-    evaluate: bool = typer.Option(True, help="then score it on evaluate.data (matched mIoU + protocols)"),
+    evaluate: bool = typer.Option(True, help="then score it on evaluate.dataset (matched mIoU + protocols)"),
     config: str = typer.Option("maskdistill_demo", "--config", "-c", help=CONFIG_HELP),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (see distill.segment.*, evaluate.*)"),
 ) -> None:
@@ -478,7 +478,7 @@ def edges_train(
     """Train the learned edge network from scratch on BSDS500 train+val with Ray Train."""
     from distseg.train.edges import train_edges
 
-    cfg = resolve(config, list(overrides or []) + ([f"edge_train.data={data}"] if data else []))
+    cfg = resolve(config, list(overrides or []) + ([f"edge_train.root={data}"] if data else []))
     with stage_errors():
         weights = train_edges(cfg)
     typer.echo(f"weights: {weights}")

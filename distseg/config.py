@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import types
 import typing
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,12 @@ class DataConfig(Section):
         "synthetic",
         description="synthetic | bsds | msrc | davis | folder:PATH | labeled:PATH | voc:PATH | coco:PATH",
     )
-    root: str | None = Field(None, description="dataset root; default: $DISTSEG_DATA_ROOT or ../shared/data/<name>")
-    split: str = Field("train", description="dataset split (train, val, test, all; per dataset)")
+    root: str | None = Field(
+        None,
+        description="root of the source `mine --input SOURCE` and the demo read; default: $DISTSEG_DATA_ROOT "
+        "or ../shared/data/<name>",
+    )
+    split: str = Field("train", description="split `mine --input SOURCE` reads (train, val, test, all; per dataset)")
     num_images: int = Field(64, ge=1, description="synthetic only: number of scenes")
     image_size: int = Field(128, ge=16, le=4096, description="synthetic only: side of the square scenes")
     palette: str = Field(
@@ -52,7 +57,7 @@ class DataConfig(Section):
         description="synthetic only: class (each class its own hue range) | shared (one colour distribution "
         "for all classes: only shape and texture tell them apart)",
     )
-    limit: int | None = Field(None, ge=1, description="use only the first N images")
+    limit: int | None = Field(None, ge=1, description="mine only the first N images of the input (sorted by id)")
 
 
 class EdgesConfig(Section):
@@ -77,7 +82,7 @@ class HierarchyConfig(Section):
 class EdgeTrainConfig(Section):
     """`distseg edges train`: the learned edge network on BSDS500 (human boundaries as supervision)."""
 
-    data: str | None = Field(
+    root: str | None = Field(
         None,
         description="BSDS500 root (images/, groundTruth/); default: $DISTSEG_DATA_ROOT/bsds500",
     )
@@ -127,7 +132,7 @@ class PretrainConfig(Section):
         "hiergroup", description="method by registry name (distseg.methods): hiergroup | concepts | maskcontrast"
     )
     prior: str = Field("ucm", description="the shard prior column giving the segments (saliency for maskcontrast)")
-    data: str | None = Field(
+    shards: str | None = Field(
         None,
         description="shards folder (mine's output): a path or an s3:// gs:// file:// URI; none: mine the synthetic set",
     )
@@ -183,8 +188,12 @@ class PretrainConfig(Section):
         description="rows mixed by each worker's local shuffle buffer (0: shard order; files are always shuffled)",
     )
     ingest: str = Field(
-        "ray_data", pattern="^(ray_data|memory)$", description="ray_data streaming | memory (benchmark baseline)"
+        "ray_data",
+        pattern="^(ray_data|memory)$",
+        description="ray_data streaming | memory: cache the first memory_batches batches and cycle them "
+        "(the ingest-free baseline of jobs/benchmark_training.py, not for training)",
     )
+    memory_batches: int = Field(8, ge=1, description="batches cached and cycled when ingest=memory")
     log_every: int = Field(10, ge=1, description="steps between metric reports")
     checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")
     num_to_keep: int | None = Field(3, ge=1, description="checkpoints kept (null: all)")
@@ -202,7 +211,7 @@ class PretrainConfig(Section):
     probe_images: int = Field(
         24,
         ge=2,
-        description="probe images, the first N of evaluate.data's evaluate.train_split (never the eval split); "
+        description="probe images, the first N of evaluate.dataset's evaluate.train_split (never the eval split); "
         "prior_agreement: the first N of probe_data not in the training shards",
     )
     probe_data: str | None = Field(
@@ -218,7 +227,7 @@ class PretrainConfig(Section):
 class EvaluateConfig(Section):
     """`distseg evaluate`: protocols on frozen embeddings of a checkpoint and of baselines."""
 
-    data: str = Field(
+    dataset: str = Field(
         "synthetic", description="msrc | davis | synthetic | labeled:PATH | voc:PATH | coco:PATH (labels needed)"
     )
     root: str | None = Field(None, description="dataset root (default: $DISTSEG_DATA_ROOT or ../shared/data/<name>)")
@@ -304,6 +313,37 @@ class Config(Section):
 
 
 CONFIG_PACKAGE = "distseg.configs"
+
+# keys renamed since they were first released: "data" meant four things (a shards folder, a dataset name,
+# the BSDS root, the built-in source). Configs, checkpoints and overrides with the old names still load,
+# with a warning that names the new key.
+RENAMED_KEYS = {
+    "pretrain.data": "pretrain.shards",
+    "evaluate.data": "evaluate.dataset",
+    "edge_train.data": "edge_train.root",
+}
+
+
+def migrate_keys(data: dict, where: str) -> dict:
+    """`data` with the keys of RENAMED_KEYS moved to their new names, and one warning naming them (a key
+    given under both names is an error)."""
+    moved = []
+    for old, new in RENAMED_KEYS.items():
+        section, old_key = old.split(".")
+        node = data.get(section)
+        if not isinstance(node, dict) or old_key not in node:
+            continue
+        new_key = new.split(".")[1]
+        if new_key in node:
+            raise ConfigError(f"config {where}: {old!r} and {new!r} are the same key (renamed); keep {new!r}")
+        moved.append(f"{old} -> {new}")
+        data = {**data, section: {(new_key if k == old_key else k): v for k, v in node.items()}}
+    if moved:
+        warnings.warn(
+            f"config {where}: renamed keys read under their new names ({', '.join(moved)})", FutureWarning, stacklevel=2
+        )
+    return data
+
 
 # registry name -> (module, attribute); imported on first use so `distseg --help` stays fast. None of
 # these modules imports distseg.config, so the import graph has no cycle.
@@ -411,6 +451,7 @@ def _read_yaml(name_or_path: str | Path, seen: tuple[str, ...] = ()) -> dict[str
         raise ConfigError(f"config {where}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"config {where}: top level must be a mapping, got {type(data).__name__}")
+    data = migrate_keys(data, where)
     base = data.pop("_base_", None)
     if isinstance(data.get("plugins"), list) and Path(where).exists():  # plugin files resolve beside the YAML
         here = Path(where).parent
@@ -513,6 +554,11 @@ def apply_overrides(data: dict, overrides: list[str], model: type[BaseModel] | N
     model = model or config_model()
     for text in overrides:
         key, value = parse_override(text)
+        if key in RENAMED_KEYS:
+            warnings.warn(
+                f"override {text!r}: config key {key!r} is now {RENAMED_KEYS[key]!r}", FutureWarning, stacklevel=2
+            )
+            key = RENAMED_KEYS[key]
         _check_key(model, key)
         node = data
         *parents, leaf = key.split(".")
@@ -541,6 +587,8 @@ def _format_validation(err: ValidationError, source: str) -> str:
 
 
 def build_config(data: dict, source: str = "<dict>") -> Config:
+    if isinstance(data, dict):
+        data = migrate_keys(data, source)
     if isinstance(data, dict) and data.get("plugins"):
         plugins = data["plugins"]
         data = {**data, "plugins": import_plugins(plugins if isinstance(plugins, list) else [plugins])}

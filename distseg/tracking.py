@@ -152,7 +152,7 @@ def provenance(cfg: Config) -> dict[str, str]:
         tags["git_dirty"] = str(bool(out.stdout.strip())).lower() if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         tags["git_dirty"] = "unknown"
-    data = getattr(cfg.pretrain, "data", None)
+    data = getattr(cfg.pretrain, "shards", None)
     manifest = Path(data) / "_manifest.json" if data and "://" not in str(data) else None
     if manifest is not None and manifest.is_file():
         tags["shards_manifest_sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]

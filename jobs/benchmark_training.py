@@ -5,8 +5,9 @@ tensors (the ingest overhead), with 1 and 2 workers, and the peak memory of a wo
     ray job submit --working-dir . -- python jobs/benchmark_training.py --shards s3://bucket/shards --gpu
 
 Each row is a fresh run (own name, own workdir): the first `--warmup` reported intervals are
-dropped, the rest averaged. `memory` caches the first 8 batches of the same pipeline in the worker
-and cycles them, so both modes run exactly the same model, loss and batch shapes.
+dropped, the rest averaged. `memory` caches the first `pretrain.memory_batches` (8) batches of the
+same pipeline in the worker and cycles them, so both modes run exactly the same model, loss and batch
+shapes.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def main() -> None:
                 f"pretrain.use_gpu={str(args.gpu).lower()}",
                 "pretrain.log_every=10",
                 f"pretrain.checkpoint_every={args.steps}",
-                *([f"pretrain.data={Path(args.shards).resolve()}"] if args.shards else []),
+                *([f"pretrain.shards={Path(args.shards).resolve()}"] if args.shards else []),
                 *args.overrides,
             ]
             cfg = load_config(args.config, overrides)

@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE")
     args = parser.parse_intermixed_args()  # options may follow the KEY=VALUE overrides
 
-    cfg = load_config(args.config, [f"pretrain.data={args.data}", *args.overrides])
+    cfg = load_config(args.config, [f"pretrain.shards={args.data}", *args.overrides])
     pcfg, device = cfg.pretrain, torch.device(args.device)
     amp = device.type == "cuda" if args.amp is None else args.amp
     files = shard_files(args.data)

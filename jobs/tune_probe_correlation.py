@@ -41,7 +41,7 @@ def label_free(ckpt: Path, cfg, probe_data: str | None, images: int, cache: dict
     pcfg.probe_data = probe_data or pcfg.probe_data
     cfg = check_probe(cfg)
     grouping = cfg.model_dump(mode="json", include={"edges", "hierarchy", "priors", "mine"})
-    key = json.dumps([grouping, cfg.pretrain.prior, cfg.pretrain.data, cfg.pretrain.probe_data], sort_keys=True)
+    key = json.dumps([grouping, cfg.pretrain.prior, cfg.pretrain.shards, cfg.pretrain.probe_data], sort_keys=True)
     if key not in cache:
         cache[key] = load_held_out(cfg)
     model, _ = load_embedding_model(str(ckpt), "cpu")

@@ -146,3 +146,24 @@ def test_a_folder_named_like_a_shipped_config_does_not_hide_it(tmp_path, monkeyp
     (tmp_path / "mine").mkdir()
     with pytest.raises(ConfigError, match="'mine' is a folder, not a YAML file or a shipped config"):
         load_config("mine")
+
+
+def test_renamed_data_keys_load_from_old_configs_and_overrides_with_a_warning(tmp_path):
+    """pretrain.data / evaluate.data / edge_train.data became pretrain.shards / evaluate.dataset /
+    edge_train.root: a checkpoint's config.yaml written before the rename, and an old override, still
+    load (one FutureWarning naming the keys); one key given under both names is an error."""
+    old = tmp_path / "config.yaml"
+    old.write_text(
+        "_base_: demo\npretrain: {data: /shards, steps: 5}\nevaluate: {data: msrc}\nedge_train: {data: /bsds}\n"
+    )
+    with pytest.warns(FutureWarning, match=r"pretrain.data -> pretrain.shards, evaluate.data -> evaluate.dataset"):
+        cfg = load_config(old)
+    assert (cfg.pretrain.shards, cfg.evaluate.dataset, cfg.edge_train.root) == ("/shards", "msrc", "/bsds")
+    assert cfg.pretrain.steps == 5
+    with pytest.warns(FutureWarning, match=r"'evaluate.data' is now 'evaluate.dataset'"):
+        assert load_config("demo", ["evaluate.data=davis"]).evaluate.dataset == "davis"
+    both = tmp_path / "both.yaml"
+    both.write_text("pretrain: {data: /a, shards: /b}\n")
+    with pytest.raises(ConfigError, match=r"both.yaml: 'pretrain.data' and 'pretrain.shards' are the same key"):
+        load_config(both)
+    assert "data" not in type(build_config({}).pretrain).model_fields  # the new names are the only fields

@@ -475,13 +475,13 @@ def test_synthetic_mask_ap_of_oracle_masks_is_one_and_saliency_is_scored(tmp_pat
 def test_mask_ap_scores_every_stored_mask_prior_from_its_stored_masks(tmp_path):
     """Default priors = the stored mask priors: perfect stored masks give 1.0 at every threshold, the
     stored (empty) felzenszwalb_masks give 0.0 -- it is read, not recomputed (which would find regions).
-    The dataset defaults to evaluate.data (synthetic in maskdistill_demo), its split to data.split."""
+    The dataset defaults to evaluate.dataset (synthetic in maskdistill_demo), its split to data.split."""
     from distseg.config import load_config
     from distseg.data.synthetic import make_scene
     from distseg.distill.evaluate import evaluate_masks
 
     cfg = load_config("maskdistill_demo", ["data.image_size=64", "seed=0"])
-    assert cfg.evaluate.data == "synthetic"
+    assert cfg.evaluate.dataset == "synthetic"
     result = evaluate_masks(cfg, synthetic_shards(tmp_path))
     assert list(result.scores) == ["vit_masks", "felzenszwalb_masks"] and result.split == "train"
     perfect, empty = result.scores["vit_masks"], result.scores["felzenszwalb_masks"]
@@ -537,7 +537,7 @@ def test_davis_records_are_scored_against_their_annotation(tmp_path):
         records.append(GroupingRecord(f"frame{n}", str(frame.resolve()), half, priors))
     data = write_mined(tmp_path / "mined", records, ["vit_masks", "saliency", "felzenszwalb_masks"], "davis")
     cfg = load_config("maskdistill", [f"workdir={tmp_path}"])
-    assert cfg.evaluate.data != "davis"
+    assert cfg.evaluate.dataset != "davis"
     result = evaluate_masks(cfg, data)  # the dataset: the source the manifest says was mined
     assert (result.images, result.dataset, result.split) == (3, "davis", "all")
     assert result.scores["vit_masks"]["AP50"] == pytest.approx(1.0)

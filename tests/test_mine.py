@@ -394,3 +394,24 @@ def test_retrying_errors_leaves_one_error_row_per_image_still_failing(tmp_path, 
     assert [e["image_id"] for e in errors] == ["broken"] and errors[0]["stage"] == "decode"
     manifest = json.loads((out / "_manifest.json").read_text())
     assert (manifest["errors"], manifest["settled_errors_dropped"]) == (1, 2)
+
+
+def test_mine_inputs_follow_data_root_split_and_limit(tmp_path, msrc_root):
+    """`mine --input SOURCE` reads data.split of the source at data.root; data.limit keeps the first N
+    ids (sorted); a folder input honours the limit too. No Ray: the listing alone."""
+    from distseg.mining.listing import mine_inputs
+
+    root = msrc_root
+    cfg = load_config("demo", [f"data.root={root}", "data.split=val"])
+    val = mine_inputs("msrc", cfg)
+    assert len(val) == 146  # MSRC-v2's val split (md5(id) % 4 == 0)
+    cfg.data.limit = 5
+    first = mine_inputs("msrc", cfg)
+    assert list(first) == sorted(val)[:5] and all(first[i] == val[i] for i in first)
+    cfg.data.root = str(tmp_path / "nowhere")
+    with pytest.raises(Exception, match="nowhere"):  # the source is read from data.root, not its default
+        mine_inputs("msrc", cfg)
+    for i in range(4):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / f"im{3 - i}.png")
+    cfg.data.limit = 2
+    assert list(mine_inputs(str(tmp_path), cfg)) == ["im0", "im1"]

@@ -128,7 +128,7 @@ def test_training_survives_losing_a_node(cluster, shards):
             "pretrain.max_failures=2",
         ],
     )
-    cfg.pretrain.data = uri
+    cfg.pretrain.shards = uri
     result: dict = {}
 
     def run():

@@ -81,7 +81,7 @@ def test_mine_pretrain_two_workers_then_resume(tmp_path, capfd):
 
     # the same name with more steps resumes from step 4 (no step trained twice) in the same MLflow run
     resumed = pretrain(
-        tiny_config(tmp_path, "pretrain.steps=6", "pretrain.checkpoint_every=2", f"pretrain.data={shards}")
+        tiny_config(tmp_path, "pretrain.steps=6", "pretrain.checkpoint_every=2", f"pretrain.shards={shards}")
     )
     assert resumed.run_id == first.run_id
     assert "pretrain: resuming run 'tiny'" in capfd.readouterr().out  # a rerun says it resumes
@@ -98,7 +98,7 @@ def test_mine_pretrain_two_workers_then_resume(tmp_path, capfd):
             "pretrain.method=maskcontrast",
             "pretrain.prior=saliency",
             "pretrain.steps=2",
-            f"pretrain.data={shards}",
+            f"pretrain.shards={shards}",
             f"model.init_from={resumed.checkpoint}",
         )
     )
@@ -113,7 +113,7 @@ def test_mine_pretrain_two_workers_then_resume(tmp_path, capfd):
     # resuming that run with another loss is refused with a message naming the run and what to do
     with pytest.raises(Exception, match="run 'mc' cannot resume from .*different model, loss or optimizer"):
         pretrain(
-            tiny_config(tmp_path, "name=mc", "pretrain.steps=4", "pretrain.max_failures=0", f"pretrain.data={shards}")
+            tiny_config(tmp_path, "name=mc", "pretrain.steps=4", "pretrain.max_failures=0", f"pretrain.shards={shards}")
         )
 
     # a method that is one module plus one YAML (tests/plugins), unknown to distseg: the config gains
@@ -121,7 +121,7 @@ def test_mine_pretrain_two_workers_then_resume(tmp_path, capfd):
     toy_yaml = Path(__file__).parent / "plugins" / "toy.yaml"
     try:
         toy_cfg = load_config(toy_yaml, [f"workdir={tmp_path}", "name=toy", *TINY, "pretrain.steps=2",
-                                         "pretrain.num_workers=1", f"pretrain.data={shards}"])  # fmt: skip
+                                         "pretrain.num_workers=1", f"pretrain.shards={shards}"])  # fmt: skip
         assert toy_cfg.pretrain.method == "toy" and toy_cfg.losses.toy.weight == 2.0
         assert Path(toy_cfg.plugins[0]).is_absolute()  # the workers run in another directory
         toy = pretrain(toy_cfg)

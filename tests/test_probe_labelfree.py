@@ -85,7 +85,7 @@ def test_label_free_probe_runs_on_held_out_folder_images(tmp_path):
     small = ["mine.max_side=64", "hierarchy.max_regions=12", "model.head_channels=16", "model.embed_dim=8"]
     cfg = load_config("demo", [*small, *LABELFREE, "pretrain.probe_images=3", "pretrain.probe_data=images"])
     cfg.pretrain.probe_data = f"folder:{tmp_path / 'images'}"
-    cfg.pretrain.data = str(tmp_path / "mined")
+    cfg.pretrain.shards = str(tmp_path / "mined")
     write_shards(tmp_path / "mined", paths[:2], cfg)  # the training holds the first two images
     cfg = check_probe(cfg)
     files, dropped = held_out_files(cfg)
@@ -101,7 +101,7 @@ def test_label_free_probe_runs_on_held_out_folder_images(tmp_path):
     assert probe.score([np.eye(13, dtype=np.float32)[r].transpose(2, 0, 1) for r in probe.data.regions]) == 1.0
 
     write_shards(tmp_path / "all", paths, cfg)  # every probe image is a training image: refused
-    cfg.pretrain.data = str(tmp_path / "all")
+    cfg.pretrain.shards = str(tmp_path / "all")
     with pytest.raises(ProbeError, match=r"pretrain.probe_data=.*0 of its 6 images are not in the training shards"):
         held_out_files(cfg)
 

@@ -49,7 +49,7 @@ def test_same_seed_same_losses_weights_and_miou(tmp_path, capfd):
     runs = {}
     try:
         for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-            extra = [f"pretrain.data={runs['a']['shards']}"] if runs else []
+            extra = [f"pretrain.shards={runs['a']['shards']}"] if runs else []
             cfg = load_config("demo", [f"workdir={tmp_path}", f"name={name}", f"seed={seed}", *TINY, *extra])
             result = pretrain(cfg)
             client = MlflowClient(tracking_uri(cfg.workdir))

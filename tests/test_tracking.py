@@ -64,7 +64,7 @@ def test_runs_record_provenance_and_experiments_open_as_model_training(tmp_path,
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "_manifest.json").write_text(json.dumps({"rows": 3}))
-    cfg = load_config("demo", [f"workdir={tmp_path}", "seed=7", f"pretrain.data={shards}"])
+    cfg = load_config("demo", [f"workdir={tmp_path}", "seed=7", f"pretrain.shards={shards}"])
     with start_run(cfg, run_name="traced") as tracker:
         pass
     client = MlflowClient(tracking_uri(tmp_path))

@@ -194,7 +194,7 @@ def test_probe_scores_a_network_on_train_split_images_only():
     [
         (["pretrain.probe_protocol=kmeanz"], "is not a protocol"),
         (["pretrain.probe_protocol=davis"], "needs video or a concept dictionary"),
-        (["evaluate.data=bsds"], "needs labels"),
+        (["evaluate.dataset=bsds"], "needs labels"),
     ],
 )
 def test_bad_probe_settings_fail_before_training(overrides, message):

@@ -13,7 +13,7 @@ handcrafted priors), `saliency` (one foreground mask) or `felzenszwalb_masks` (t
 Felzenszwalb regions). Whatever the proposals, the features and the clustering settings are those of
 priors.vit_masks (source, features, clusters, ...), so only the proposals differ between the rows.
 With `score`, the clustered version is scored right away (distseg.distill.pipeline.score_version:
-Hungarian-matched mIoU against evaluate.data's labels of the mined images).
+Hungarian-matched mIoU against evaluate.dataset's labels of the mined images).
 
 The parent's shards are never rewritten: the output folder must not exist yet (each shard is
 written to a temporary name and renamed, as mining does). Features are L2-normalised before

@@ -177,14 +177,14 @@ class MaskAPResult:
 
 def truth_source(cfg, manifest: dict, dataset: str | None, split: str | None) -> tuple[str, str]:
     """The dataset (and split) whose instances score a mined output: `dataset`, else the data source
-    the shards were mined from (`distseg mine --input davis`), else evaluate.data. The split defaults
+    the shards were mined from (`distseg mine --input davis`), else evaluate.dataset. The split defaults
     to "all" (every image of a dataset with files is found by its file); the synthetic scenes, which
     have no files, to data.split, the split that `distill masks` writes."""
     from distseg.data import DATASETS, is_source
 
     mined = str(manifest.get("input", ""))
     if dataset is None:
-        dataset = mined if mined and is_source(mined) else cfg.evaluate.data
+        dataset = mined if mined and is_source(mined) else cfg.evaluate.dataset
     if split is None:
         name = dataset.partition(":")[0]
         split = cfg.data.split if name in DATASETS and DATASETS.meta(name).get("builtin") else "all"
@@ -217,7 +217,7 @@ def evaluate_masks(
     if bad:
         raise ValueError(f"{bad}: not mask priors (the mask priors: {', '.join(mask_priors)})")
     source, split = truth_source(cfg, manifest, dataset, split)
-    root = cfg.evaluate.root if source == cfg.evaluate.data else None
+    root = cfg.evaluate.root if source == cfg.evaluate.dataset else None
     options = {"num_images": cfg.data.num_images, "image_size": cfg.data.image_size, "seed": cfg.seed}
     truth = InstanceTruth(source, split, root, **options)  # readers drop the options that are not theirs
     run = {name: create_prior(name, cfg) for name in names if name not in stored}

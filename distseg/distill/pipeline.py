@@ -13,7 +13,7 @@ the paper's Table 1 rows are scored too: (a) the clustered initial masks, (b) ev
 prediction (threshold 0, the overlap rule kept: <root>/predictions), (c) the segmentation model and
 (d) the same model trained without hard pixel mining (hard_fraction = 1, run `<name>-plain`).
 Rows (a) and (b) score the mined images' own label maps against their ground truth, which is known
-for the synthetic scenes and for a labelled `evaluate.data` whose images were mined.
+for the synthetic scenes and for a labelled `evaluate.dataset` whose images were mined.
 """
 
 from __future__ import annotations
@@ -61,10 +61,10 @@ def ground_truth(cfg: Config, uri: str, shape: tuple[int, int], lookup: dict | N
 
 
 def label_lookup(cfg: Config) -> tuple[dict | None, list[str]]:
-    """evaluate.data's images by absolute file path -> a function giving their (remapped) labels."""
+    """evaluate.dataset's images by absolute file path -> a function giving their (remapped) labels."""
     from distseg.eval.evaluate import class_space, open_eval_dataset
 
-    if cfg.evaluate.data == "synthetic":
+    if cfg.evaluate.dataset == "synthetic":
         from distseg.data.synthetic import CLASS_NAMES
 
         return None, list(CLASS_NAMES)
@@ -106,7 +106,9 @@ def score_version(cfg: Config, version: str, column: str) -> dict:
             preds.append(pred)
             truths.append(truth)
     if not preds:
-        raise ValueError(f"{version}: no mined image has known ground truth (evaluate.data={cfg.evaluate.data!r})")
+        raise ValueError(
+            f"{version}: no mined image has known ground truth (evaluate.dataset={cfg.evaluate.dataset!r})"
+        )
     classes = int(manifest.get("cluster", {}).get("clusters", 0)) + 1
     scores = matched_miou(preds, truths, max(classes, max(int(p.max()) for p in preds) + 1), names)
     return {**scores, "images": len(preds), "without_truth": missing}

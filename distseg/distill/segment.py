@@ -5,7 +5,7 @@
     -> Ray Train (distseg.distill.trainer): random scale + rotation ("ScaleNRotate"), flips, square
        crops, SGD, the top-`hard_fraction` cross entropy (distseg.distill.losses), the first
        `frozen_stages` ResNet stages frozen -> <workdir>/checkpoints/<name>-segment/
-    evaluate_segmenter(cfg, checkpoint): predictions on evaluate.data's eval split, clusters matched
+    evaluate_segmenter(cfg, checkpoint): predictions on evaluate.dataset's eval split, clusters matched
        to classes by the Hungarian algorithm -> mIoU; and the frozen features (ASPP output) through the
        existing protocols (evaluate.protocols). Both logged to MLflow, nested under the training run.
 
@@ -253,7 +253,7 @@ def matched_miou(
 
 
 def evaluate_segmenter(cfg: Config, checkpoint: str | Path, protocols: bool = True) -> dict:
-    """Score a segmentation checkpoint on cfg.evaluate.data: matched mIoU of its predictions, and (with
+    """Score a segmentation checkpoint on cfg.evaluate.dataset: matched mIoU of its predictions, and (with
     `protocols`) its frozen features through cfg.evaluate.protocols. Logged to MLflow under the
     checkpoint's training run. Returns {"predictions": {...}, "protocols": {name: metrics}}."""
     from distseg.checkpoint import read_meta
@@ -273,9 +273,9 @@ def evaluate_segmenter(cfg: Config, checkpoint: str | Path, protocols: bool = Tr
         crf = False
     predictions = [segment_image(model, image, crf) for image in evals.images]
     scores = matched_miou(predictions, evals.labels, num_pred, class_names)
-    results = {"predictions": {**scores, "crf": crf, "images": len(evals.ids), "data": ecfg.data}, "protocols": {}}
+    results = {"predictions": {**scores, "crf": crf, "images": len(evals.ids), "data": ecfg.dataset}, "protocols": {}}
     parent = read_meta(checkpoint).get("mlflow_run_id")
-    tags = {"stage": "distill.evaluate", "checkpoint": str(checkpoint), "data": ecfg.data}
+    tags = {"stage": "distill.evaluate", "checkpoint": str(checkpoint), "data": ecfg.dataset}
     with start_run(cfg, run_name=f"{cfg.name}-segment-eval", parent_run_id=parent, tags=tags, log_config=False) as t:
         t.log_metrics(
             {

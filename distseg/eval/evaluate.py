@@ -175,7 +175,7 @@ def open_eval_dataset(cfg: Config, split: str):
     from distseg.data import open_dataset
     from distseg.data.synthetic import scene_options
 
-    source = cfg.evaluate.data
+    source = cfg.evaluate.dataset
     if source.split(":")[0] == "bsds":
         raise EvaluationError("bsds has boundaries, not class labels: score the grouping with `distseg edges eval`")
     kwargs = scene_options(cfg) if source == "synthetic" else {}
@@ -186,21 +186,21 @@ def load_split(cfg: Config, split: str) -> tuple[LabeledSplit, list[str]]:
     dataset = open_eval_dataset(cfg, split)
     names, remap = class_space(dataset)
     ids, images, labels = [], [], []
-    for image_id in tqdm(dataset.ids(), desc=f"read {cfg.evaluate.data}/{split}", unit="img", leave=False):
+    for image_id in tqdm(dataset.ids(), desc=f"read {cfg.evaluate.dataset}/{split}", unit="img", leave=False):
         sample = dataset[image_id]
         if sample.labels is None:
-            raise EvaluationError(f"{cfg.evaluate.data}: image {image_id} has no labels (the protocols need them)")
+            raise EvaluationError(f"{cfg.evaluate.dataset}: image {image_id} has no labels (the protocols need them)")
         ids.append(image_id)
         images.append(sample.image)
         labels.append(remap(sample.labels))
     if not ids:
-        raise EvaluationError(f"{cfg.evaluate.data}: split {split!r} is empty")
+        raise EvaluationError(f"{cfg.evaluate.dataset}: split {split!r} is empty")
     return LabeledSplit(ids, images, labels), names
 
 
 def open_video_set(cfg: Config, plan: ProtocolPlan) -> VideoSet:
     """The sequences of a video protocol's dataset (`data` metadata): evaluate.root and eval_split when
-    it is evaluate.data, else its default location and `val`; at most davis_max_frames per sequence."""
+    it is evaluate.dataset, else its default location and `val`; at most davis_max_frames per sequence."""
     from distseg.eval.davis import sequence_frame_ids
     from distseg.eval.extract import DataSpec
 
@@ -208,7 +208,7 @@ def open_video_set(cfg: Config, plan: ProtocolPlan) -> VideoSet:
     source = plan.info.data
     if not source:
         raise EvaluationError(f"protocol {plan.name!r} needs video but names no dataset (register it with data=...)")
-    own = ecfg.data == source
+    own = ecfg.dataset == source
     spec = DataSpec.resolve(source, ecfg.root if own else None, ecfg.eval_split if own else "val")
     dataset = spec.open()
     if not hasattr(dataset, "sequences"):
@@ -370,7 +370,7 @@ def evaluate(cfg: Config, checkpoint: str | None, out_dir: str | Path) -> dict:
     ecfg = cfg.evaluate
     plans = plan_protocols(cfg)
     # a 320-px DAVIS frame is an 80x45 feature grid on which small objects vanish: davis has its own size
-    image_size = ecfg.davis_image_size if ecfg.data == "davis" else ecfg.image_size
+    image_size = ecfg.davis_image_size if ecfg.dataset == "davis" else ecfg.image_size
     sources = feature_sources(cfg, checkpoint, image_size)
     parent, concepts = None, None
     if checkpoint:
@@ -397,7 +397,7 @@ def evaluate(cfg: Config, checkpoint: str | None, out_dir: str | Path) -> dict:
     if masks_from and semantic:
         saliency = saliency_maps(masks_from, image_size, evals, plugins)
     results: dict = {
-        "data": ecfg.data,
+        "data": ecfg.dataset,
         "protocols": [p.name for p in plans if not p.diagnostic],
         "diagnostics": [p.name for p in plans if p.diagnostic],
         "seeds": ecfg.seeds,
@@ -458,7 +458,7 @@ def evaluate(cfg: Config, checkpoint: str | None, out_dir: str | Path) -> dict:
                     {
                         "protocol": plan.name,
                         "source": source,
-                        "data": ecfg.data,
+                        "data": ecfg.dataset,
                         "seeds": len(per_seed),
                         "diagnostic": plan.diagnostic,
                         "image_size": image_size,

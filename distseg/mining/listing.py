@@ -13,6 +13,21 @@ SHARDS = "shards"  # folder of the shard files under the output URI
 ERRORS = "errors"  # folder of the errors table under the output URI
 
 
+def mine_inputs(input_uri: str, cfg) -> dict[str, str]:
+    """id -> image URI of what `distseg mine --input` reads: a data source's `data.split` (from
+    `data.root` when set, else the source's default location), or the images under a folder/URI/glob;
+    with `data.limit`, the first N ids in sorted order."""
+    from distseg.data import is_source, source_image_files
+
+    if is_source(input_uri):
+        inputs = source_image_files(input_uri, cfg.data.split, root=cfg.data.root)
+    else:
+        inputs = list_images(input_uri, cfg.mine.extensions)
+    if cfg.data.limit is not None:
+        inputs = dict(sorted(inputs.items())[: cfg.data.limit])
+    return inputs
+
+
 def list_images(input_uri: str, extensions: list[str]) -> dict[str, str]:
     """image_id -> URI for every image under a folder (recursive) or matching a glob pattern."""
     from distseg.data.folder import assign_ids

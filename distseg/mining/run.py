@@ -9,7 +9,7 @@ from pathlib import Path
 
 from distseg.config import Config
 from distseg.mining.errors import MiningError
-from distseg.mining.listing import done_ids, list_images
+from distseg.mining.listing import done_ids, mine_inputs
 from distseg.mining.manifest import check_settings, write_manifest
 from distseg.mining.monitor import MineMonitor, crash_message, is_actor_death
 from distseg.mining.progress import ProgressLine
@@ -65,7 +65,7 @@ def mine(
     import ray
 
     from distseg.cluster import init_ray
-    from distseg.data import is_source, source_image_files
+    from distseg.data import is_source
     from distseg.grouping.priors import PRIORS
 
     if not cfg.mine.priors:
@@ -87,7 +87,7 @@ def mine(
     cfg = cfg.model_copy(deep=True)
     if cfg.edges.weights and "://" not in cfg.edges.weights:
         cfg.edges.weights = str(Path(cfg.edges.weights).resolve())
-    inputs = source_image_files(input_uri, cfg.data.split) if source else list_images(input_uri, cfg.mine.extensions)
+    inputs = mine_inputs(input_uri, cfg)
     if not inputs:
         raise FileNotFoundError(f"no images ({', '.join(cfg.mine.extensions)}) under {input_uri}")
     check_settings(cfg, output_uri)

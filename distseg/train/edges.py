@@ -94,7 +94,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def schedule(step: int) -> float:  # cosine to 1 % of the peak
         return 0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * min(step, tcfg.steps) / tcfg.steps))
 
-    pairs = load_training_set(tcfg.data, tcfg.splits)
+    pairs = load_training_set(tcfg.root, tcfg.splits)
     t_last, losses = time.perf_counter(), []
     for step in range(start, tcfg.steps):
         rng = np.random.default_rng([cfg.seed, session.rank, step])  # deterministic and resumable
@@ -135,17 +135,17 @@ def train_edges(cfg: Config) -> Path:
     from distseg.data import default_data_root
     from distseg.tracking import start_run
 
-    root = cfg.edge_train.data or str(default_data_root() / "bsds500")
+    root = cfg.edge_train.root or str(default_data_root() / "bsds500")
     if not Path(root).is_dir():
-        raise FileNotFoundError(f"edge_train.data: BSDS500 root not found: {root} (pass --data PATH)")
+        raise FileNotFoundError(f"edge_train.root: BSDS500 root not found: {root} (pass --data PATH)")
     from distseg.data.bsds import BSDS500
 
     for split in cfg.edge_train.splits:  # a wrong layout fails here, naming the folder, before Ray starts
         if not BSDS500(root, split=split).ids():
-            raise FileNotFoundError(f"edge_train.data: {root} has no BSDS500 {split!r} images")
+            raise FileNotFoundError(f"edge_train.root: {root} has no BSDS500 {split!r} images")
     workdir = Path(cfg.workdir).resolve()
     cfg = cfg.model_copy(deep=True)
-    cfg.edge_train.data = absolute(root)
+    cfg.edge_train.root = absolute(root)
     tcfg = cfg.edge_train
     init_ray(cfg.ray)
     with start_run(cfg, run_name=f"{cfg.name}-train", tags={"stage": "edges.train"}) as tracker:

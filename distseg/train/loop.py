@@ -172,7 +172,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     sums: dict[str, float] = defaultdict(float)
     count, t_last = 0, time.perf_counter()
-    memory = loop_config.get("memory_batches", 0) if pcfg.ingest == "memory" else 0
+    memory = pcfg.memory_batches if pcfg.ingest == "memory" else 0
     batches = _batches(pcfg, session.world, memory, seed=cfg.seed * 1000 + session.rank)
     while step < pcfg.steps:
         epoch, batch = next(batches)

@@ -73,7 +73,7 @@ def check_config(cfg: Config) -> Config:
 
         cfg.model.init_from = absolute(cfg.model.init_from)
         create_model(cfg.model)  # a wrong path or architecture fails here, before Ray or mining starts
-    cfg.pretrain.data = absolute(cfg.pretrain.data)
+    cfg.pretrain.shards = absolute(cfg.pretrain.shards)
     cfg.pretrain.storage_path = absolute(cfg.pretrain.storage_path)
     return check_probe(cfg)
 
@@ -97,8 +97,8 @@ def prepare(cfg: Config, extra_cpus: int = 0) -> Config:
     cluster_cpus(ray_cfg, int(training_resources(cfg.pretrain)["CPU"]) + extra_cpus)
     init_ray(ray_cfg)
     cfg = fit_training(cfg)
-    if cfg.pretrain.data is None:
-        cfg.pretrain.data = absolute(synthetic_shards(cfg))
+    if cfg.pretrain.shards is None:
+        cfg.pretrain.shards = absolute(synthetic_shards(cfg))
     if cfg.pretrain.probe_every and cfg.pretrain.probe_protocol == PRIOR_AGREEMENT:
         held_out_files(cfg)  # too few held-out images fails here, not in the workers
     return cfg
@@ -112,7 +112,6 @@ def build_trainer(
     name: str | None = None,
     storage: str | None = None,
     callbacks: list | None = None,
-    memory_batches: int = 8,
     loop_extra: dict | None = None,
 ):
     """The streaming dataset and the TorchTrainer of a prepared config (Ray must be up); `loop_extra`
@@ -120,13 +119,13 @@ def build_trainer(
     import ray.data
 
     pcfg = cfg.pretrain
-    rows = count_rows(pcfg.data)
+    rows = count_rows(pcfg.shards)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # per-step bars would flood the log
     # blocks reach the trainer in the order of the (seeded) file list, not in the order their tasks end:
     # with the seeded views (ingest.MakePairs) and shuffle buffer, a 1-worker run is reproducible
     context.execution_options.preserve_order = True
-    dataset = build_dataset(pcfg.data, pcfg, repeats_per_epoch(rows, pcfg, pcfg.num_workers), seed=cfg.seed)
+    dataset = build_dataset(pcfg.shards, pcfg, repeats_per_epoch(rows, pcfg, pcfg.num_workers), seed=cfg.seed)
     spec = TrainerSpec(
         name=name or cfg.name,
         storage=str(storage) if storage else run_storage(cfg),
@@ -137,7 +136,7 @@ def build_trainer(
         num_to_keep=pcfg.num_to_keep,
         datasets={"train": dataset},
     )
-    loop_config = worker_config(cfg, run_id, tracking_uri, memory_batches=memory_batches, **(loop_extra or {}))
+    loop_config = worker_config(cfg, run_id, tracking_uri, **(loop_extra or {}))
     return engine_trainer(train_loop_per_worker, loop_config, spec, callbacks=callbacks)
 
 
@@ -224,14 +223,14 @@ def export(result, cfg: Config) -> Path:
         return export_checkpoint(folder, Path(cfg.workdir).resolve() / "checkpoints" / cfg.name)
 
 
-def pretrain(cfg: Config, memory_batches: int = 8) -> PretrainResult:
-    """Train `cfg.pretrain.method` on the shards in `cfg.pretrain.data` (resumes a run of the same name)."""
+def pretrain(cfg: Config) -> PretrainResult:
+    """Train `cfg.pretrain.method` on the shards in `cfg.pretrain.shards` (resumes a run of the same name)."""
     import ray.data
 
     from distseg.tracking import start_run
 
     cfg = prepare(cfg)
-    shards = cfg.pretrain.data
+    shards = cfg.pretrain.shards
     run_dir = store.join(run_storage(cfg), cfg.name)
     id_file = store.join(run_dir, "mlflow_run_id")
     previous = (store.read_text(id_file) or "").strip() or None
@@ -241,7 +240,7 @@ def pretrain(cfg: Config, memory_batches: int = 8) -> PretrainResult:
     with start_run(cfg, run_name=cfg.name, tags=tags, run_id=previous) as tracker:
         store.write_text(id_file, tracker.run_id)
         try:
-            trainer = build_trainer(cfg, tracker.run_id, tracker.uri, memory_batches=memory_batches)
+            trainer = build_trainer(cfg, tracker.run_id, tracker.uri)
             print(f"pretrain: {cfg.pretrain.method} for {cfg.pretrain.steps} steps, MLflow run {tracker.run_id}")
             if previous:  # a rerun of a finished run trains nothing: say so, and how to start anew
                 print(

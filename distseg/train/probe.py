@@ -4,7 +4,7 @@ It is the metric `distseg tune` stops trials on (ASHA), and a learning curve in 
 Two kinds, chosen by `pretrain.probe_protocol`:
 
 **Labelled** (an evaluation protocol's name; default `dataset_kmeans`, the k-means + Hungarian mIoU).
-The probe reads the first `pretrain.probe_images` images of `evaluate.data`'s *train* split (the
+The probe reads the first `pretrain.probe_images` images of `evaluate.dataset`'s *train* split (the
 labels are used by the protocol only, never by the loss) and runs the protocol on the network's
 embeddings, exactly as `distseg evaluate` would on those images. A protocol that needs a train split
 (`linear`, `knn`) gets the first half of the probe images as its train split and is scored on the
@@ -25,7 +25,7 @@ Held-out images for the label-free probe: `pretrain.probe_data`, a data source g
 (`folder:PATH`, the form any unlabelled user set has; `labeled:PATH`, `voc:PATH`, `coco:PATH` with
 `evaluate.train_split`, labels ignored; a bare folder means `folder:PATH`). It must be named
 explicitly: the training shards usually hold every image of the user's set (MSRC is mined whole), so
-no default set is held out. Images whose id or file is in the training shards (`pretrain.data`) are
+no default set is held out. Images whose id or file is in the training shards (`pretrain.shards`) are
 dropped, so the probe only sees images the training never sees; the first `probe_images` that remain
 are used, and fewer than 2 is an error (`ProbeError`). The simplest held-out set that needs no change
 to mining or ingest: any folder of images of the same kind (for MSRC: BSDS500's train images,
@@ -70,7 +70,7 @@ def check_probe(cfg: Config) -> Config:
             raise ProbeError(
                 f"pretrain.{key}={getattr(pcfg, key)!r} is for the label-free probe only "
                 f"(pretrain.probe_protocol={PRIOR_AGREEMENT}); pretrain.probe_protocol={pcfg.probe_protocol!r} "
-                "reads evaluate.data's train split"
+                "reads evaluate.dataset's train split"
             )
     if resolve_protocol_name(pcfg.probe_protocol) not in PROTOCOLS:
         raise ProbeError(
@@ -83,13 +83,13 @@ def check_probe(cfg: Config) -> Config:
             f"pretrain.probe_protocol={pcfg.probe_protocol!r} needs video or a concept dictionary; "
             "the probe runs image protocols only (dataset_kmeans, linear, knn, ...)"
         )
-    if cfg.evaluate.data.split(":")[0] in ("bsds", "folder"):
+    if cfg.evaluate.dataset.split(":")[0] in ("bsds", "folder"):
         raise ProbeError(
-            f"pretrain.probe_every needs labels: evaluate.data={cfg.evaluate.data!r} has no classes "
+            f"pretrain.probe_every needs labels: evaluate.dataset={cfg.evaluate.dataset!r} has no classes "
             f"(without labels: pretrain.probe_protocol={PRIOR_AGREEMENT} with pretrain.probe_data)"
         )
     cfg = cfg.model_copy(deep=True)
-    spec = DataSpec.resolve(cfg.evaluate.data, cfg.evaluate.root, cfg.evaluate.train_split)
+    spec = DataSpec.resolve(cfg.evaluate.dataset, cfg.evaluate.root, cfg.evaluate.train_split)
     cfg.evaluate.root = spec.root
     return cfg
 
@@ -150,7 +150,9 @@ class Probe:
         (self.plan,) = plan_protocols(self.cfg)
         split, self.class_names = load_split(self.cfg, ecfg.train_split)
         if len(split.ids) < 2:
-            raise ProbeError(f"the probe needs at least 2 images; {ecfg.data}/{ecfg.train_split} has {len(split.ids)}")
+            raise ProbeError(
+                f"the probe needs at least 2 images; {ecfg.dataset}/{ecfg.train_split} has {len(split.ids)}"
+            )
         if self.plan.info.needs_train:
             half = len(split.ids) // 2
             self.train = LabeledSplit(split.ids[:half], split.images[:half], split.labels[:half])
@@ -277,12 +279,12 @@ def held_out_files(cfg: Config) -> tuple[dict[str, str], int]:
         files = source_image_files(pcfg.probe_data, split=cfg.evaluate.train_split)
     except (OSError, ValueError, KeyError) as e:
         raise ProbeError(f"pretrain.probe_data={pcfg.probe_data!r}: {e}") from None
-    ids, mined = _shard_keys(pcfg.data) if pcfg.data else (set(), set())
+    ids, mined = _shard_keys(pcfg.shards) if pcfg.shards else (set(), set())
     kept = {i: f for i, f in files.items() if i.replace("/", "_") not in ids and _resolved(f) not in mined}
     if len(kept) < 2:
         raise ProbeError(
             f"pretrain.probe_data={pcfg.probe_data!r}: {len(kept)} of its {len(files)} images are not in the "
-            f"training shards {pcfg.data}; the label-free probe needs at least 2 held-out images "
+            f"training shards {pcfg.shards}; the label-free probe needs at least 2 held-out images "
             "(point it at images the training does not see)"
         )
     return dict(list(kept.items())[: pcfg.probe_images]), len(files) - len(kept)

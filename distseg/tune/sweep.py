@@ -125,7 +125,7 @@ def _trial(tune_config: dict, base: dict, sweep_info: dict) -> None:
         if cfg.pretrain.prior not in cfg.mine.priors:
             cfg.mine.priors = [*cfg.mine.priors, cfg.pretrain.prior]
         mine(cfg, sweep_info["images"], str(shards), progress=False)
-        cfg.pretrain.data = str(shards)
+        cfg.pretrain.shards = str(shards)
     id_file = storage / cfg.name / "mlflow_run_id"
     previous = id_file.read_text().strip() if id_file.is_file() else None
     tags = {"stage": "tune_trial", "trial_id": trial_id, "sweep": sweep_info["name"], "method": cfg.pretrain.method}
@@ -255,7 +255,7 @@ def sweep(
     source = config or space.config
     base_cfg = load_config(source, [*space.overrides, *(overrides or [])])
     if data:
-        base_cfg.pretrain.data = data
+        base_cfg.pretrain.shards = data
     metric = space.metric
     if (metric == "probe_score" or metric.startswith("probe/")) and not base_cfg.pretrain.probe_every:
         raise SpaceError(
@@ -279,7 +279,7 @@ def sweep(
     if images and not mines:
         raise SpaceError(f"--images is for spaces that sweep grouping ({', '.join(MINING_KEYS)}*); pass --data")
     if images:  # the trials mine these: no synthetic shards for the base config
-        base_cfg.pretrain.data = images
+        base_cfg.pretrain.shards = images
     cfg = prepare(base_cfg, extra_cpus=1)  # Ray up (room for the trial drivers); shards mined once, not per trial
     if mines:
         images = str(Path(images).resolve()) if images else str(Path(cfg.workdir).resolve() / "synthetic" / "images")
