@@ -270,3 +270,6 @@ def test_a_grouping_sweep_mines_each_trials_shards(tmp_path, _ray_down):
         tables = [pq.read_table(f, columns=["ucm"]).column("ucm").combine_chunks() for f in shards.glob("*.parquet")]
         regions = [n for t in tables for n in t.field("num_regions").to_pylist()]
         assert len(regions) == 12 and max(regions) <= row.params["hierarchy.max_regions"]
+    # the trials mined the synthetic scenes written as PNGs; the sweep itself mined nothing
+    assert len(list((tmp_path / "synthetic" / "images").glob("*.png"))) == 12
+    assert not (tmp_path / "synthetic" / "mined").exists()

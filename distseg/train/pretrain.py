@@ -83,9 +83,10 @@ def run_storage(cfg: Config) -> str:
     return cfg.pretrain.storage_path or str(Path(cfg.workdir).resolve() / "ray_results")
 
 
-def prepare(cfg: Config, extra_cpus: int = 0) -> Config:
+def prepare(cfg: Config, extra_cpus: int = 0, need_shards: bool = True) -> Config:
     """Validate, start (or attach to) Ray, check the plan against the cluster, and make sure there are
-    shards: returns the resolved config.
+    shards (with `need_shards`, mining the synthetic scenes when `pretrain.shards` is unset): returns
+    the resolved config.
 
     A local cluster gets at least one run's CPUs (`distseg.cluster.training_resources`) plus
     `extra_cpus`; on a cluster joined by address, `fit_training` fits the plan to what it can give or
@@ -97,7 +98,7 @@ def prepare(cfg: Config, extra_cpus: int = 0) -> Config:
     cluster_cpus(ray_cfg, int(training_resources(cfg.pretrain)["CPU"]) + extra_cpus)
     init_ray(ray_cfg)
     cfg = fit_training(cfg)
-    if cfg.pretrain.shards is None:
+    if cfg.pretrain.shards is None and need_shards:
         cfg.pretrain.shards = absolute(synthetic_shards(cfg))
     if cfg.pretrain.probe_every and cfg.pretrain.probe_protocol == PRIOR_AGREEMENT:
         held_out_files(cfg)  # too few held-out images fails here, not in the workers

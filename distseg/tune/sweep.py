@@ -278,11 +278,16 @@ def sweep(
         )
     if images and not mines:
         raise SpaceError(f"--images is for spaces that sweep grouping ({', '.join(MINING_KEYS)}*); pass --data")
-    if images:  # the trials mine these: no synthetic shards for the base config
-        base_cfg.pretrain.shards = images
-    cfg = prepare(base_cfg, extra_cpus=1)  # Ray up (room for the trial drivers); shards mined once, not per trial
-    if mines:
-        images = str(Path(images).resolve()) if images else str(Path(cfg.workdir).resolve() / "synthetic" / "images")
+    # Ray up (room for the trial drivers); shards mined once here, or by each trial when it sweeps grouping
+    cfg = prepare(base_cfg, extra_cpus=1, need_shards=not mines)
+    if mines:  # the trials mine these images: the given folder, else the synthetic scenes written as PNGs
+        from distseg.data.synthetic import write_scenes
+
+        images = (
+            str(Path(images).resolve())
+            if images
+            else write_scenes(cfg, Path(cfg.workdir).resolve() / "synthetic" / "images")
+        )
     workdir = Path(cfg.workdir).resolve()
     experiment = workdir / "ray_results" / sweep_name
     state_file = experiment / STATE_FILE
