@@ -227,11 +227,15 @@ def test_sigkill_midway_then_resume_gives_exactly_one_row_per_image(tmp_path):
         "ray.num_cpus=2",
         f"workdir={tmp_path / 'work'}",
     ]
-    proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
+    log = tmp_path / "first_run.log"
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(args, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
+    deadline = time.time() + 600  # Ray's start alone can take minutes on a loaded 2-core machine
     # one actor works through 4 blocks in turn: kill as soon as the first block's shard lands
     while time.time() < deadline and not list((out / "shards").glob("*.parquet")):
+        assert proc.poll() is None, f"the first run ended before any shard landed: {log.read_text()[-2000:]}"
         time.sleep(0.05)
+    assert list((out / "shards").glob("*.parquet")), f"no shard after 600 s: {log.read_text()[-2000:]}"
     # the job and the Ray cluster it started, all at once: every descendant of the job (Ray's daemons
     # and workers, whatever process group they run in), so no worker of the killed run writes on
     family = _descendants(proc.pid)
