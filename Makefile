@@ -25,10 +25,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check distseg tests jobs
 
 test: lint
-	$(BIN)/python -m pytest -q
+	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q -m slow
 
 clean:
 	rm -rf outputs .pytest_cache
