@@ -139,7 +139,11 @@ def pretrain(
         "hiergroup", "--config", "-c", help=CONFIG_HELP + ": hiergroup | concepts | maskcontrast | demo"
     ),
     data: str | None = typer.Option(
-        None, "--data", "-d", help="shards folder written by `distseg mine` (default: mine the synthetic set first)"
+        None,
+        "--shards",
+        "--data",
+        "-d",
+        help="shards folder written by `distseg mine` (default: mine the synthetic set first; --data: its old name)",
     ),
     name: str | None = typer.Option(None, help="run name (default: the config's); rerunning a name resumes it"),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (see pretrain.*, model.*, losses.*)"),
@@ -168,7 +172,11 @@ def tune(
     space: str = typer.Option(..., "--space", "-s", help="search space YAML (see tune_spaces/) or shipped name"),
     config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP + " (default: the space's `config`)"),
     data: str | None = typer.Option(
-        None, "--data", "-d", help="shards folder written by `distseg mine` (default: mine the synthetic set first)"
+        None,
+        "--shards",
+        "--data",
+        "-d",
+        help="shards folder written by `distseg mine` (default: mine the synthetic set first; --data: its old name)",
     ),
     name: str | None = typer.Option(None, help="sweep name (default: tune_<space file name>)"),
     images: str | None = typer.Option(
@@ -202,8 +210,10 @@ def evaluate(
     ),
     data: str | None = typer.Option(
         None,
+        "--dataset",
         "--data",
-        help="msrc | davis | synthetic | labeled:PATH | voc:PATH | coco:PATH (default: the config's evaluate.dataset)",
+        help="msrc | davis | synthetic | labeled:PATH | voc:PATH | coco:PATH (default: the config's "
+        "evaluate.dataset; --data: its old name)",
     ),
     protocols: str | None = typer.Option(
         None,

@@ -61,7 +61,9 @@ class ShardPairs(IterableDataset):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="hiergroup_msrc", help="config name or YAML path")
-    parser.add_argument("--data", required=True, help="mining output folder (the shards)")
+    parser.add_argument(
+        "--shards", "--data", dest="data", required=True, help="mining output folder (--data: old name)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
     parser.add_argument("--loaders", type=int, default=8, help="DataLoader processes drawing the views")

@@ -185,8 +185,9 @@ def test_bad_requests_are_named(tmp_path):
         app, ["evaluate", "--baseline", "rgbxy", "--protocols", "dataset_kmeans,bogus", f"workdir={tmp_path}"]
     )
     assert result.exit_code == 1 and "bogus" in result.output
-    result = runner.invoke(app, ["evaluate", "--baseline", "rgbxy", "--data", "bsds", f"workdir={tmp_path}"])
-    assert result.exit_code == 1 and "edges eval" in result.output
+    for flag in ("--dataset", "--data"):  # --data: the old name, still accepted
+        result = runner.invoke(app, ["evaluate", "--baseline", "rgbxy", flag, "bsds", f"workdir={tmp_path}"])
+        assert result.exit_code == 1 and "edges eval" in result.output
 
 
 def test_davis_protocol_on_real_frames(tmp_path, davis_root):

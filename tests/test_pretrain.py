@@ -64,6 +64,24 @@ def test_lr_schedules():
     assert lr_at(0, warm) == pytest.approx(0.1) and lr_at(10, warm) == 1.0
 
 
+@pytest.mark.parametrize("verb", ["pretrain", "tune"])
+@pytest.mark.parametrize("flag", ["--shards", "--data"])  # --data: the old name, still accepted
+def test_a_shards_folder_without_shards_fails_before_ray_starts(tmp_path, verb, flag):
+    """A wrong --shards is named at once; before, `tune` started Ray and ran every trial into the error."""
+    import ray
+    from typer.testing import CliRunner
+
+    from distseg.cli import app
+
+    empty = tmp_path / "mined"
+    empty.mkdir()
+    args = ["--config", "demo"] if verb == "pretrain" else ["--space", "demo"]
+    result = CliRunner().invoke(app, [verb, *args, flag, str(empty), f"workdir={tmp_path}"])
+    assert result.exit_code == 1, result.output
+    assert f"no Parquet shards under {empty}" in " ".join(result.output.split())
+    assert not ray.is_initialized()
+
+
 def test_mine_pretrain_two_workers_then_resume(tmp_path, capfd):
     from distseg.train.pretrain import pretrain
 

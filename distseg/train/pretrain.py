@@ -25,7 +25,7 @@ from distseg.config import Config
 from distseg.storage import absolute
 from distseg.train.engine import TrainerSpec, cluster_cpus, worker_config
 from distseg.train.engine import build_trainer as engine_trainer
-from distseg.train.ingest import IngestError, build_dataset, count_rows, repeats_per_epoch
+from distseg.train.ingest import IngestError, build_dataset, count_rows, repeats_per_epoch, shard_files
 from distseg.train.loop import train_loop_per_worker
 from distseg.train.probe import PRIOR_AGREEMENT, check_probe, held_out_files
 
@@ -94,6 +94,8 @@ def prepare(cfg: Config, extra_cpus: int = 0, need_shards: bool = True) -> Confi
     from distseg.cluster import fit_training, init_ray, training_resources
 
     cfg = check_config(cfg)
+    if cfg.pretrain.shards is not None:
+        shard_files(cfg.pretrain.shards)  # a folder without shards fails here, before Ray starts
     ray_cfg = cfg.ray.model_copy()
     cluster_cpus(ray_cfg, int(training_resources(cfg.pretrain)["CPU"]) + extra_cpus)
     init_ray(ray_cfg)

@@ -268,7 +268,7 @@ def sweep(
     if mines and data:
         raise SpaceError(
             f"search space {space_path} sweeps grouping settings ({', '.join(mines)}): each trial mines its own "
-            "shards, so pass the images (--images DIR, or nothing for the synthetic scenes), not --data SHARDS"
+            "shards, so pass the images (--images DIR, or nothing for the synthetic scenes), not --shards SHARDS"
         )
     if mines and base_cfg.pretrain.probe_protocol == "prior_agreement":
         raise SpaceError(
@@ -277,7 +277,7 @@ def sweep(
             "would not be comparable across trials (use a labelled probe protocol)"
         )
     if images and not mines:
-        raise SpaceError(f"--images is for spaces that sweep grouping ({', '.join(MINING_KEYS)}*); pass --data")
+        raise SpaceError(f"--images is for spaces that sweep grouping ({', '.join(MINING_KEYS)}*); pass --shards")
     # Ray up (room for the trial drivers); shards mined once here, or by each trial when it sweeps grouping
     cfg = prepare(base_cfg, extra_cpus=1, need_shards=not mines)
     if mines:  # the trials mine these images: the given folder, else the synthetic scenes written as PNGs
