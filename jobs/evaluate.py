@@ -1,6 +1,6 @@
 """Evaluate a checkpoint on a Ray cluster (the same as `distseg evaluate`).
 
-ray job submit --working-dir . -- python jobs/evaluate.py --checkpoint CKPT --data msrc --baseline random,rgbxy
+ray job submit --working-dir . -- python jobs/evaluate.py --checkpoint CKPT --dataset msrc --baseline random,rgbxy
 """
 
 from distseg.cli import main

@@ -1,6 +1,6 @@
 """Pretrain pixel embeddings on a Ray cluster (the same as `distseg pretrain`).
 
-ray job submit --working-dir . -- python jobs/pretrain.py --config hiergroup --data SHARDS pretrain.num_workers=4
+ray job submit --working-dir . -- python jobs/pretrain.py --config hiergroup --shards SHARDS pretrain.num_workers=4
 """
 
 from distseg.cli import main

@@ -1,7 +1,7 @@
 """Pretrain on one device without Ray: the same method, step and checkpoint format as `distseg pretrain`,
 fed by a torch DataLoader over the shards instead of Ray Data and Ray Train.
 
-    python jobs/pretrain_local.py --config hiergroup_msrc --data outputs/msrc/mined --device cuda \\
+    python jobs/pretrain_local.py --config hiergroup_msrc --shards outputs/msrc/mined --device cuda \\
         --out outputs/msrc/checkpoints/hiergroup_msrc_gpu pretrain.batch_size=64 model.backbone=resnet50
 
 For a single GPU box, or a machine where Ray is not installed (this is how the H200 numbers in the
