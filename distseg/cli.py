@@ -24,6 +24,13 @@ err = Console(stderr=True)
 _python_showwarning = warnings.showwarning  # other libraries' warnings keep Python's form
 
 CONFIG_HELP = "a shipped config name (see `distseg config list`) or a YAML path"
+SHARDS_OPTION = typer.Option(
+    None,
+    "--shards",
+    "--data",
+    "-d",
+    help="shards folder written by `distseg mine` (default: mine the synthetic set first; --data: its old name)",
+)
 OVERRIDES_HELP = "dotted overrides KEY=VALUE, e.g. data.num_images=16 hierarchy.max_regions=30"
 
 
@@ -138,28 +145,23 @@ def pretrain(
     config: str = typer.Option(
         "hiergroup", "--config", "-c", help=CONFIG_HELP + ": hiergroup | concepts | maskcontrast | demo"
     ),
-    data: str | None = typer.Option(
-        None,
-        "--shards",
-        "--data",
-        "-d",
-        help="shards folder written by `distseg mine` (default: mine the synthetic set first; --data: its old name)",
-    ),
+    shards: str | None = SHARDS_OPTION,
     name: str | None = typer.Option(None, help="run name (default: the config's); rerunning a name resumes it"),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (see pretrain.*, model.*, losses.*)"),
 ) -> None:
     """Pretrain pixel embeddings on grouping shards with Ray Train (resumable, checkpointed, logged to MLflow)."""
+    from distseg.checkpoint import CheckpointMismatch
     from distseg.cluster import ResourceError
     from distseg.data.synthetic import ScenesMismatch
     from distseg.mining import MiningError
     from distseg.train.ingest import IngestError
     from distseg.train.pretrain import pretrain as run_pretrain
 
-    extra = ([f"pretrain.shards={data}"] if data else []) + ([f"name={name}"] if name else [])
+    extra = ([f"pretrain.shards={shards}"] if shards else []) + ([f"name={name}"] if name else [])
     cfg = resolve(config, extra + list(overrides or []))
     try:
         result = run_pretrain(cfg)
-    except (IngestError, ResourceError, FileNotFoundError, ScenesMismatch, MiningError) as e:
+    except (IngestError, ResourceError, FileNotFoundError, ScenesMismatch, MiningError, CheckpointMismatch) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(1) from None
     losses = " ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if k.startswith("loss"))
@@ -171,13 +173,7 @@ def pretrain(
 def tune(
     space: str = typer.Option(..., "--space", "-s", help="search space YAML (see tune_spaces/) or shipped name"),
     config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP + " (default: the space's `config`)"),
-    data: str | None = typer.Option(
-        None,
-        "--shards",
-        "--data",
-        "-d",
-        help="shards folder written by `distseg mine` (default: mine the synthetic set first; --data: its old name)",
-    ),
+    shards: str | None = SHARDS_OPTION,
     name: str | None = typer.Option(None, help="sweep name (default: tune_<space file name>)"),
     images: str | None = typer.Option(
         None, "--images", help="spaces sweeping grouping settings: the images each trial mines (default: synthetic)"
@@ -192,7 +188,13 @@ def tune(
 
     try:
         result = sweep(
-            space, config=config, data=data, overrides=list(overrides or []), resume=resume, name=name, images=images
+            space,
+            config=config,
+            shards=shards,
+            overrides=list(overrides or []),
+            resume=resume,
+            name=name,
+            images=images,
         )
     except (SpaceError, SweepError, ResourceError, ConfigError, IngestError, FileNotFoundError) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
@@ -208,7 +210,7 @@ def evaluate(
     checkpoint: str | None = typer.Option(
         None, "--checkpoint", help="checkpoint folder from `distseg pretrain` (model.pt, config.yaml)"
     ),
-    data: str | None = typer.Option(
+    dataset: str | None = typer.Option(
         None,
         "--dataset",
         "--data",
@@ -243,8 +245,8 @@ def evaluate(
             else "demo"
         )
     extra = []
-    if data:
-        extra.append(f"evaluate.dataset={data}")
+    if dataset:
+        extra.append(f"evaluate.dataset={dataset}")
     if protocols:
         extra.append(f"evaluate.protocols=[{protocols}]")
     if seeds:

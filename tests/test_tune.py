@@ -250,7 +250,7 @@ def test_sigkill_of_the_sweep_driver_then_resume_finishes_every_trial_once(tmp_p
 def test_a_grouping_space_takes_images_not_shards(tmp_path):
     path = write_space(tmp_path, params={"hierarchy.max_regions": {"grid": [4, 12]}})
     with pytest.raises(SpaceError, match="each trial mines its own shards"):
-        sweep(path, data=str(tmp_path / "shards"), overrides=[f"workdir={tmp_path}"])
+        sweep(path, shards=str(tmp_path / "shards"), overrides=[f"workdir={tmp_path}"])
     plain = write_space(tmp_path)
     with pytest.raises(SpaceError, match="--images is for spaces that sweep grouping"):
         sweep(plain, images=str(tmp_path), overrides=[f"workdir={tmp_path}"])

@@ -112,6 +112,16 @@ def use_deterministic(flag: bool | None, device: torch.device) -> bool:
     return on
 
 
+def resume_refused(name: str, path: str, err: Exception) -> str:
+    """The message of a run that cannot resume from its checkpoint `path` (the driver's check before any
+    worker starts, and each worker's own when it restores)."""
+    return (
+        f"run {name!r} cannot resume from {path}: it was saved by a different model, loss or optimizer than "
+        f"this config and code build ({str(err).split(': ', 1)[-1]}). Start a new run with another name=..., "
+        "or delete that run's folder to start it over."
+    )
+
+
 class WorkerSession:
     """Per-worker context of a distseg Ray Train loop (see the module docstring)."""
 
@@ -149,11 +159,7 @@ class WorkerSession:
             try:
                 meta = restore_checkpoint(folder, self.device, optional=optional, **objects)
             except CheckpointMismatch as err:
-                raise CheckpointMismatch(
-                    f"run {self.cfg.name!r} cannot resume from {checkpoint.path}: it was saved by a different model, "
-                    f"loss or optimizer than this config and code build ({str(err).split(': ', 1)[-1]}). Start a new "
-                    f"run with another name=..., or delete that run's folder to start it over."
-                ) from None
+                raise CheckpointMismatch(resume_refused(self.cfg.name, checkpoint.path, err)) from None
         if self.tracker and "step" in meta:  # where a restarted worker group (or a rerun) picked up
             self.tracker.log_metrics({"resumed_at_step": meta["step"]}, step=meta["step"])
         return meta

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distseg.checkpoint import CheckpointMismatch
 from distseg.config import PretrainConfig
 from distseg.core.constants import IMAGENET_MEAN, IMAGENET_STD
 from distseg.methods import Method, Views, create_method
@@ -65,6 +66,37 @@ def to_views(batch: dict, device: torch.device, channels_last: bool = False) -> 
     )
 
 
+def build_step(cfg, device: torch.device) -> tuple[Method, torch.nn.Module, torch.nn.Module, torch.optim.Optimizer]:
+    """(method, network, loss, optimizer) on one device, no Ray and no DDP wrapper, built as each worker
+    of train_loop_per_worker builds them: what a run's checkpoint is restored into."""
+    method = create_method(cfg)
+    net = method.build_model().to(device)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    loss_fn = method.build_loss().to(device)
+    method.setup(net, loss_fn, device)
+    params = list(net.parameters()) + [p for p in loss_fn.parameters() if p.requires_grad]
+    return method, net, loss_fn, make_optimizer(params, cfg.pretrain)
+
+
+def check_resumable(cfg, checkpoint: str | Path) -> None:
+    """Load `checkpoint` (a local folder) into the network, loss, optimizer and method state that `cfg`
+    builds, on the CPU, as a worker resuming from it will: CheckpointMismatch if any does not fit."""
+    from distseg.checkpoint import restore_checkpoint
+
+    with torch.random.fork_rng(devices=[]):  # building the network draws random weights: leave the caller's RNG
+        method, net, loss_fn, optimizer = build_step(cfg, torch.device("cpu"))
+    extra = method.extra_state()
+    holders = {name: _StateHolder() for name in extra}
+    restore_checkpoint(
+        checkpoint, "cpu", optional=tuple(extra), model=net, optimizer=optimizer, loss=loss_fn, **holders
+    )
+    try:
+        method.load_extra_state({name: h.state for name, h in holders.items() if h.state is not None})
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointMismatch(f"checkpoint {checkpoint}: {str(err).strip()}".splitlines()[0]) from None
+
+
 class LocalStep:
     """One process, one device, no Ray: the loop's step (views -> method -> GradScaler -> optimizer ->
     `after_step`) for jobs/benchmark_device.py and jobs/pretrain_local.py."""
@@ -73,14 +105,7 @@ class LocalStep:
         torch.manual_seed(cfg.seed)
         use_deterministic(cfg.pretrain.deterministic, device)
         self.cfg, self.device, self.amp = cfg, device, amp
-        self.method = create_method(cfg)
-        self.net = self.method.build_model().to(device)
-        if device.type == "cuda":
-            self.net = self.net.to(memory_format=torch.channels_last)
-        self.loss_fn = self.method.build_loss().to(device)
-        self.method.setup(self.net, self.loss_fn, device)
-        params = list(self.net.parameters()) + [p for p in self.loss_fn.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(params, cfg.pretrain)
+        self.method, self.net, self.loss_fn, self.optimizer = build_step(cfg, device)
         self.scaler = torch.amp.GradScaler(enabled=amp and device.type == "cuda")
 
     def __call__(self, batch: dict, step: int) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ the path `distseg evaluate --checkpoint` takes.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,8 +179,6 @@ class TrainProgress:
                 self.show()
 
     def line(self) -> str | None:
-        import json
-
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.uri)
@@ -195,10 +194,8 @@ class TrainProgress:
         if len(loss) >= 2 and loss[-1].timestamp > loss[0].timestamp:
             batch_rate = (loss[-1].step - loss[0].step) / ((loss[-1].timestamp - loss[0].timestamp) / 1000)
         eta = f"ETA {max(self.total - step, 0) / batch_rate / 60:.1f} min" if batch_rate else "ETA -"
-        folders = [p for p in store.list_dirs(self.run_dir) if "/checkpoint_" in p]
-        metas = (store.read_text(store.join(p, "meta.json")) for p in folders)
-        checkpoints = sorted(json.loads(m).get("step", 0) for m in metas if m)
-        last_ckpt = f"checkpoint @ {checkpoints[-1]}" if checkpoints else "no checkpoint yet"
+        checkpoints = checkpoint_steps(self.run_dir)
+        last_ckpt = f"checkpoint @ {checkpoints[-1][0]}" if checkpoints else "no checkpoint yet"
         rate = f"{speed[-1].value:.1f} img/s" if speed else "- img/s"
         done = f"step {step}/{self.total} ({step / self.total:.0%})"
         return f"pretrain: {done}, loss {value:.4f}, {rate}, {eta}, {last_ckpt}"
@@ -226,6 +223,39 @@ def export(result, cfg: Config) -> Path:
         return export_checkpoint(folder, Path(cfg.workdir).resolve() / "checkpoints" / cfg.name)
 
 
+def checkpoint_steps(run_dir: str) -> list[tuple[int, str]]:
+    """(step, folder) of each Train checkpoint of a run (local path or URI), by step."""
+    found = []
+    for folder in store.list_dirs(run_dir):
+        meta = store.read_text(store.join(folder, "meta.json")) if "/checkpoint_" in folder else None
+        if meta:
+            found.append((json.loads(meta).get("step", 0), folder))
+    return sorted(found)
+
+
+def refuse_unfit_resume(cfg: Config, run_dir: str) -> None:
+    """Before any worker starts: a run resumed by name must be able to load its last checkpoint into the
+    model, loss and optimizer this config builds (checked on the driver's CPU, as each worker checks).
+    Otherwise each of the 1 + `pretrain.max_failures` worker-group starts would fail the same way, on a
+    cloud cluster after its GPU nodes came up. CheckpointMismatch says what to do."""
+    import ray.train
+
+    from distseg.checkpoint import CheckpointMismatch
+    from distseg.train.engine import resume_refused
+    from distseg.train.loop import check_resumable
+
+    checkpoints = checkpoint_steps(run_dir)
+    if not checkpoints:
+        return
+    location = checkpoints[-1][1]
+    fs, path = store.resolve_uri(location)
+    with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:
+        try:
+            check_resumable(cfg, folder)
+        except CheckpointMismatch as err:
+            raise CheckpointMismatch(resume_refused(cfg.name, location, err)) from None
+
+
 def pretrain(cfg: Config) -> PretrainResult:
     """Train `cfg.pretrain.method` on the shards in `cfg.pretrain.shards` (resumes a run of the same name)."""
     import ray.data
@@ -237,6 +267,7 @@ def pretrain(cfg: Config) -> PretrainResult:
     run_dir = store.join(run_storage(cfg), cfg.name)
     id_file = store.join(run_dir, "mlflow_run_id")
     previous = (store.read_text(id_file) or "").strip() or None
+    refuse_unfit_resume(cfg, run_dir)
     tags = {"stage": "pretrain", "method": cfg.pretrain.method, "shards": shards, "shard_rows": count_rows(shards)}
     context = ray.data.DataContext.get_current()
     progress = context.enable_progress_bars

@@ -234,13 +234,14 @@ def _grid_size(space: SearchSpace) -> int:
 def sweep(
     space_path: str | Path,
     config: str | None = None,
-    data: str | None = None,
+    shards: str | None = None,
     overrides: list[str] | None = None,
     resume: bool = False,
     name: str | None = None,
     images: str | None = None,
 ) -> SweepResult:
-    """Run (or, with `resume`, finish) a sweep; returns the summary with the best trial.
+    """Run (or, with `resume`, finish) a sweep; returns the summary with the best trial. `shards` sets
+    `pretrain.shards` (the CLI's --shards).
 
     A space that sweeps grouping settings (`mine.*`, `hierarchy.*`, `priors.*`, `edges.*`) mines each
     trial's own shards first, from `images` (a folder; default: the config's synthetic scenes)."""
@@ -254,8 +255,8 @@ def sweep(
     space = load_space(space_path)
     source = config or space.config
     base_cfg = load_config(source, [*space.overrides, *(overrides or [])])
-    if data:
-        base_cfg.pretrain.shards = data
+    if shards:
+        base_cfg.pretrain.shards = shards
     metric = space.metric
     if (metric == "probe_score" or metric.startswith("probe/")) and not base_cfg.pretrain.probe_every:
         raise SpaceError(
@@ -265,7 +266,7 @@ def sweep(
     check_against_config(space, base_cfg.model_dump(mode="json"), str(space_path))
     sweep_name = name or f"tune_{Path(space_path).stem}"
     mines = [k for k in space.params if k.startswith(MINING_KEYS)]
-    if mines and data:
+    if mines and shards:
         raise SpaceError(
             f"search space {space_path} sweeps grouping settings ({', '.join(mines)}): each trial mines its own "
             "shards, so pass the images (--images DIR, or nothing for the synthetic scenes), not --shards SHARDS"
