@@ -288,9 +288,11 @@ app.add_typer(distill_app, name="distill")
 
 @distill_app.command("masks")
 def distill_masks(
-    data: str = typer.Option(..., "--data", "-d", help="where the mask shards go (mine output; resumable)"),
+    shards: str = typer.Option(
+        ..., "--shards", "--data", "-d", help="where the mask shards go (mine output; resumable; --data: its old name)"
+    ),
     input: str | None = typer.Option(None, "--input", "-i", help="images (default: synthetic, if data.source is)"),
-    out: str | None = typer.Option(None, "--out", help="the clustered shard version (default: DATA_k<K>)"),
+    out: str | None = typer.Option(None, "--out", help="the clustered shard version (default: SHARDS_k<K>)"),
     config: str = typer.Option("maskdistill_demo", "--config", "-c", help=CONFIG_HELP),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (see priors.vit_masks.*)"),
 ) -> None:
@@ -298,7 +300,7 @@ def distill_masks(
     from distseg.distill.stage import distill_masks as run
 
     with stage_errors():
-        s = run(resolve(config, overrides), data, input, out)
+        s = run(resolve(config, overrides), shards, input, out)
     c = s.cluster
     typer.echo(f"mined {s.mined} images ({s.errors} errors) in {s.mine_seconds:.1f} s -> {s.masks}")
     typer.echo(f"{c.masks} masks, {c.masks / max(1, c.images):.2f} per image; k-means K={c.clusters}: sizes {c.sizes}")
@@ -309,9 +311,15 @@ def distill_masks(
 
 @distill_app.command("cluster")
 def distill_cluster(
-    data: str = typer.Option(..., "--data", "-d", help="shards holding the proposals (a `distseg mine` output)"),
+    shards: str = typer.Option(
+        ...,
+        "--shards",
+        "--data",
+        "-d",
+        help="shards holding the proposals (a `distseg mine` output; --data: its old name)",
+    ),
     out: str | None = typer.Option(
-        None, "--out", help="the clustered shard version (default: DATA_k<K>, DATA_<PRIOR>_k<K> for other priors)"
+        None, "--out", help="the clustered shard version (default: SHARDS_k<K>, SHARDS_<PRIOR>_k<K> for other priors)"
     ),
     prior: str = typer.Option(
         "vit_masks", "--prior", help="the proposals: a mask prior's column (vit_masks, saliency, felzenszwalb_masks)"
@@ -325,7 +333,7 @@ def distill_cluster(
     from distseg.distill.cluster import cluster_masks
 
     with stage_errors():
-        c = cluster_masks(resolve(config, overrides), data, out, prior=prior, score=score)
+        c = cluster_masks(resolve(config, overrides), shards, out, prior=prior, score=score)
     typer.echo(
         f"{c.masks} {c.prior} masks of {c.images} images ({c.masks / max(1, c.images):.2f} per image), "
         f"K={c.clusters}: sizes {c.sizes}, {c.seconds:.0f} s -> {c.output}  (MLflow run {c.run_id})"
@@ -341,7 +349,13 @@ def distill_cluster(
 
 @distill_app.command("ap")
 def distill_ap(
-    data: str = typer.Option(..., "--data", "-d", help="shards holding the mask proposals (a `distseg mine` output)"),
+    shards: str = typer.Option(
+        ...,
+        "--shards",
+        "--data",
+        "-d",
+        help="shards holding the mask proposals (a `distseg mine` output; --data: its old name)",
+    ),
     dataset: str | None = typer.Option(
         None,
         "--dataset",
@@ -374,7 +388,7 @@ def distill_ap(
     cfg = resolve(config, overrides)
     names = [p.strip() for p in priors.split(",") if p.strip()] if priors else None
     with stage_errors():
-        r = evaluate_masks(cfg, data, dataset, names, split, progress=True)
+        r = evaluate_masks(cfg, shards, dataset, names, split, progress=True)
     typer.echo(f"class-agnostic mask AP on {r.images} images of {r.dataset} (split {r.split}):")
     typer.echo(f"{'prior':<20} {'masks/image':>11} {'area':>6} {'AP':>7} {'AP50':>7} {'AP75':>7} {'best IoU':>8}")
     for name, a in r.scores.items():
@@ -384,12 +398,18 @@ def distill_ap(
             f"{a['AP75']:>7.3f} {a['best_iou']:>8.3f}{how}"
         )
     if track:
-        typer.echo(f"MLflow run {log_mask_ap(cfg, data, r)}")
+        typer.echo(f"MLflow run {log_mask_ap(cfg, shards, r)}")
 
 
 @distill_app.command("train")
 def distill_train(
-    data: str = typer.Option(..., "--data", "-d", help="a clustered shard version (`distill cluster` output)"),
+    shards: str = typer.Option(
+        ...,
+        "--shards",
+        "--data",
+        "-d",
+        help="a clustered shard version (`distill cluster` output; --data: its old name)",
+    ),
     config: str = typer.Option("maskdistill_demo", "--config", "-c", help=CONFIG_HELP),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (see distill.maskrcnn.*)"),
 ) -> None:
@@ -397,7 +417,7 @@ def distill_train(
     from distseg.distill.maskrcnn import train_maskrcnn
 
     with stage_errors():
-        r = train_maskrcnn(resolve(config, overrides), data)
+        r = train_maskrcnn(resolve(config, overrides), shards)
     typer.echo(
         f"Mask R-CNN: {r.metrics.get('step')} steps, loss {r.metrics.get('loss', float('nan')):.4f}, {r.seconds:.0f} s"
     )
@@ -407,8 +427,10 @@ def distill_train(
 @distill_app.command("confident")
 def distill_confident(
     checkpoint: str = typer.Option(..., "--checkpoint", help="the Mask R-CNN checkpoint (`distill train`)"),
-    data: str = typer.Option(..., "--data", "-d", help="the shard version whose images are segmented"),
-    out: str | None = typer.Option(None, "--out", help="the pseudo-label version (default: DATA_confident)"),
+    shards: str = typer.Option(
+        ..., "--shards", "--data", "-d", help="the shard version whose images are segmented (--data: its old name)"
+    ),
+    out: str | None = typer.Option(None, "--out", help="the pseudo-label version (default: SHARDS_confident)"),
     config: str = typer.Option("maskdistill_demo", "--config", "-c", help=CONFIG_HELP),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (see distill.confident.*)"),
 ) -> None:
@@ -416,14 +438,20 @@ def distill_confident(
     from distseg.distill.confident import confident_stage
 
     with stage_errors():
-        s = confident_stage(resolve(config, overrides), checkpoint, data, out)
+        s = confident_stage(resolve(config, overrides), checkpoint, shards, out)
     typer.echo(f"{s.images} images: {s.masks} of {s.predictions} predictions kept ({s.seconds:.0f} s) -> {s.output}")
     typer.echo(f"pixel share per class (0 = background): {s.pixel_share}")
 
 
 @distill_app.command("segment")
 def distill_segment(
-    data: str = typer.Option(..., "--data", "-d", help="a pseudo-label version (`distill confident` output)"),
+    shards: str = typer.Option(
+        ...,
+        "--shards",
+        "--data",
+        "-d",
+        help="a pseudo-label version (`distill confident` output; --data: its old name)",
+    ),
     evaluate: bool = typer.Option(True, help="then score it on evaluate.dataset (matched mIoU + protocols)"),
     config: str = typer.Option("maskdistill_demo", "--config", "-c", help=CONFIG_HELP),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (see distill.segment.*, evaluate.*)"),
@@ -433,7 +461,7 @@ def distill_segment(
 
     cfg = resolve(config, overrides)
     with stage_errors():
-        r = train_segmenter(cfg, data)
+        r = train_segmenter(cfg, shards)
         scores = evaluate_segmenter(cfg, r.checkpoint) if evaluate else None
     typer.echo(
         f"DeepLab-v3: {r.metrics.get('step')} steps, loss {r.metrics.get('loss', float('nan')):.4f}, {r.seconds:.0f} s"
@@ -479,10 +507,12 @@ app.add_typer(edges_app, name="edges")
 
 @edges_app.command("train")
 def edges_train(
-    data: Path | None = typer.Option(
+    root: Path | None = typer.Option(
         None,
-        help="BSDS500 root with images/ and groundTruth/ "
-        "(default: $DISTSEG_DATA_ROOT/bsds500, else ../shared/data/bsds500)",
+        "--root",
+        "--data",
+        help="BSDS500 root with images/ and groundTruth/ (sets edge_train.root; default: $DISTSEG_DATA_ROOT/bsds500, "
+        "else ../shared/data/bsds500; --data: its old name)",
     ),
     config: str = typer.Option("edges", "--config", "-c", help=CONFIG_HELP),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " (see edge_train.*)"),
@@ -490,7 +520,7 @@ def edges_train(
     """Train the learned edge network from scratch on BSDS500 train+val with Ray Train."""
     from distseg.train.edges import train_edges
 
-    cfg = resolve(config, list(overrides or []) + ([f"edge_train.root={data}"] if data else []))
+    cfg = resolve(config, list(overrides or []) + ([f"edge_train.root={root}"] if root else []))
     with stage_errors():
         weights = train_edges(cfg)
     typer.echo(f"weights: {weights}")
@@ -503,8 +533,11 @@ def edges_eval(
     weights: str | None = typer.Option(
         None, help="weights file (learned: default the shipped ones; sed: model.yml.gz)"
     ),
-    data: Path | None = typer.Option(
-        None, help="BSDS500 root (default: $DISTSEG_DATA_ROOT/bsds500, else ../shared/data/bsds500)"
+    root: Path | None = typer.Option(
+        None,
+        "--root",
+        "--data",
+        help="BSDS500 root (default: $DISTSEG_DATA_ROOT/bsds500, else ../shared/data/bsds500; --data: its old name)",
     ),
     split: str = typer.Option("test", help="BSDS split: train | val | test"),
     limit: int | None = typer.Option(None, help="only the first N images of the split"),
@@ -519,13 +552,13 @@ def edges_eval(
 
     extra = [f"edges.detector={detector}"] + ([f"edges.weights={weights}"] if weights else [])
     cfg = resolve(config, extra + list(overrides or []))
-    if data is None:
+    if root is None:
         from distseg.data import default_data_root
 
-        data = default_data_root() / "bsds500"
+        root = default_data_root() / "bsds500"
     with stage_errors():
         metrics = evaluate_grouping(
-            cfg, data, split=split, out_dir=out, limit=limit, thresholds=thresholds, regions=regions
+            cfg, root, split=split, out_dir=out, limit=limit, thresholds=thresholds, regions=regions
         )
     if "edges" in metrics:
         e = metrics["edges"]

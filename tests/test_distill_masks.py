@@ -547,7 +547,7 @@ def test_davis_records_are_scored_against_their_annotation(tmp_path):
     assert result.scores["saliency"]["area"] > 0.5 > result.scores["vit_masks"]["area"]  # a swan, and not it
     assert result.scores["felzenszwalb_masks"]["AP"] < result.scores["vit_masks"]["AP"]
 
-    args = ["distill", "ap", "--config", "maskdistill", "--data", data, "--dataset", "davis"]
+    args = ["distill", "ap", "--config", "maskdistill", "--shards", data, "--dataset", "davis"]
     out = CliRunner().invoke(app, [*args, "--priors", "vit_masks,saliency", f"workdir={tmp_path}"])
     assert out.exit_code == 0, out.output
     lines = out.output.splitlines()

@@ -69,7 +69,7 @@ def test_cli_names_a_bad_proposal_prior(tmp_path, prior, message):
 
     from distseg.cli import app
 
-    args = ["distill", "cluster", "--data", str(tmp_path / "masks"), "--out", str(tmp_path / "out"), "--prior", prior]
+    args = ["distill", "cluster", "--shards", str(tmp_path / "masks"), "--out", str(tmp_path / "out"), "--prior", prior]
     result = CliRunner().invoke(app, [*args, f"workdir={tmp_path}"])
     text = " ".join(result.output.split())
     assert result.exit_code == 1 and "--prior" in text and message in text

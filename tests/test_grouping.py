@@ -167,7 +167,7 @@ def test_edges_eval_cli_writes_ucms_and_metrics(bsds_root, tmp_path):
                 "eval",
                 "--detector",
                 "gradient",
-                "--data",
+                "--root",
                 str(bsds_root),
                 "--limit",
                 "2",
@@ -277,8 +277,10 @@ def test_edges_commands_name_a_bad_bsds_root_in_one_line_before_ray_starts(tmp_p
     empty = tmp_path / "bsds"
     empty.mkdir()
     runner = CliRunner()
-    for args in (
+    for args in (  # --root, and --data: its old name
+        ["edges", "eval", "--root", str(empty), "--limit", "1"],
         ["edges", "eval", "--data", str(empty), "--limit", "1"],
+        ["edges", "train", "--root", str(empty), f"workdir={tmp_path / 'w'}", "edge_train.steps=1"],
         ["edges", "train", "--data", str(empty), f"workdir={tmp_path / 'w'}", "edge_train.steps=1"],
     ):
         result = runner.invoke(app, args)
@@ -287,5 +289,5 @@ def test_edges_commands_name_a_bad_bsds_root_in_one_line_before_ray_starts(tmp_p
         assert "Traceback" not in result.output
         assert not ray.is_initialized()
     (empty / "images" / "train").mkdir(parents=True)  # the layout is there, the images are not
-    result = runner.invoke(app, ["edges", "train", "--data", str(empty), f"workdir={tmp_path / 'w'}"])
+    result = runner.invoke(app, ["edges", "train", "--root", str(empty), f"workdir={tmp_path / 'w'}"])
     assert result.exit_code == 1 and "no BSDS images for split 'train' under" in " ".join(result.output.split())

@@ -107,7 +107,7 @@ def load_edgenet(weights: str | Path | None = None, map_location: str = "cpu") -
         path = path / "model.pt"
     if not path.is_file():
         raise FileNotFoundError(
-            f"no edge-network weights at {path}. Train them with `distseg edges train --data PATH_TO_BSDS500` "
+            f"no edge-network weights at {path}. Train them with `distseg edges train --root PATH_TO_BSDS500` "
             "and pass edges.weights=PATH, or use edges.detector=gradient (needs no weights)."
         )
     payload = torch.load(path, map_location=map_location, weights_only=True)
