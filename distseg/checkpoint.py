@@ -120,6 +120,15 @@ def restore_checkpoint(
                     continue
                 raise KeyError(f"{name}.pt is missing")
             obj.load_state_dict(state)
+            if isinstance(obj, torch.optim.Optimizer) and obj.param_groups:
+                # torch loads another optimizer's state without complaint (Adam's into SGD), and the first
+                # step fails on a missing hyperparameter; keys a newer torch adds are filled in by the load
+                missing = sorted(set(obj.defaults) - set(obj.param_groups[0]))
+                if missing:
+                    raise ValueError(
+                        f"the optimizer state has no {', '.join(missing)}: it was saved by another optimizer "
+                        f"than {type(obj).__name__}"
+                    )
     except (RuntimeError, ValueError, KeyError) as err:
         first = str(err).strip("'\"").splitlines()[0]
         raise CheckpointMismatch(f"{what or 'checkpoint'} {folder}: {first}") from None

@@ -242,6 +242,29 @@ def test_local_step_trains_one_device_without_ray():
     assert not ray.is_initialized()
 
 
+def test_resume_check_loads_the_checkpoint_into_what_the_config_builds(tmp_path):
+    """train.loop.check_resumable (the driver's check before a resumed run starts its workers): the
+    checkpoint of a hiergroup run fits the same config, even one whose init files are gone, and not a
+    config with another method or network; no Ray, no worker."""
+    from distseg.checkpoint import CheckpointMismatch, save_checkpoint
+    from distseg.train.loop import build_step, check_resumable
+
+    cfg = load_config("demo", [*TINY[:7], "pretrain.crop=32"])
+    _, net, loss_fn, optimizer = build_step(cfg, torch.device("cpu"))
+    net(torch.zeros(1, 3, 32, 32)).sum().backward()
+    optimizer.step()  # Adam's moments exist, as in a checkpoint written after training steps
+    folder = save_checkpoint(
+        tmp_path / "checkpoint_0", cfg=cfg, step=1, model=net.state_dict(), optimizer=optimizer.state_dict(),
+        loss=loss_fn.state_dict(),
+    )  # fmt: skip
+    check_resumable(cfg, folder)
+    gone = load_config("demo", [*TINY[:7], f"model.init_from={tmp_path / 'gone'}", f"model.weights={tmp_path / 'x'}"])
+    check_resumable(gone, folder)
+    for change in ("pretrain.method=maskcontrast", "model.embed_dim=16", "pretrain.optimizer=sgd"):
+        with pytest.raises(CheckpointMismatch, match=f"checkpoint {folder}: "):
+            check_resumable(load_config("demo", [*TINY[:7], change]), folder)
+
+
 def _two_runs_of_local_steps(overrides: list[str], steps: int = 3) -> list[dict[str, torch.Tensor]]:
     """Two fresh LocalSteps of the demo config on one hand-made 128-px batch of 8 images (quadrant
     segments, 2 torch threads): each run's weights after `steps` steps."""

@@ -81,9 +81,13 @@ def build_step(cfg, device: torch.device) -> tuple[Method, torch.nn.Module, torc
 
 def check_resumable(cfg, checkpoint: str | Path) -> None:
     """Load `checkpoint` (a local folder) into the network, loss, optimizer and method state that `cfg`
-    builds, on the CPU, as a worker resuming from it will: CheckpointMismatch if any does not fit."""
+    builds, on the CPU, as a worker resuming from it will: CheckpointMismatch if any does not fit. The
+    network is built without its init files (`model.weights`, `model.init_from`): the checkpoint replaces
+    those weights, and they need not be readable where this runs."""
     from distseg.checkpoint import restore_checkpoint
 
+    cfg = cfg.model_copy(deep=True)
+    cfg.model.weights = cfg.model.init_from = None
     with torch.random.fork_rng(devices=[]):  # building the network draws random weights: leave the caller's RNG
         method, net, loss_fn, optimizer = build_step(cfg, torch.device("cpu"))
     extra = method.extra_state()
