@@ -264,6 +264,23 @@ def test_resume_check_loads_the_checkpoint_into_what_the_config_builds(tmp_path)
         with pytest.raises(CheckpointMismatch, match=f"checkpoint {folder}: "):
             check_resumable(load_config("demo", [*TINY[:7], change]), folder)
 
+    # the folder checked is the one Ray Train resumes from: its snapshot's latest, not the highest step on
+    # disk (a later folder half uploaded when the run died: meta.json there, model.pt not)
+    from distseg.train.pretrain import refuse_unfit_resume, resume_checkpoint
+
+    half = tmp_path / "checkpoint_1"
+    half.mkdir()
+    (half / "meta.json").write_text(json.dumps({"step": 2}))
+    assert resume_checkpoint(str(tmp_path)) is None  # no snapshot: Ray starts afresh, nothing to check
+    snapshot = tmp_path / "checkpoint_manager_snapshot.json"
+    snapshot.write_text(json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_0"}}))
+    assert resume_checkpoint(str(tmp_path)) == f"{tmp_path}/checkpoint_0"
+    refuse_unfit_resume(cfg, str(tmp_path))
+    with pytest.raises(CheckpointMismatch, match="run 'demo' cannot resume from .*checkpoint_0: it was saved by"):
+        refuse_unfit_resume(load_config("demo", [*TINY[:7], "model.embed_dim=16"]), f"file://{tmp_path}")
+    snapshot.write_text(json.dumps({"latest_checkpoint_result": None}))  # another Ray's format: the workers check
+    assert resume_checkpoint(str(tmp_path)) is None
+
 
 def _two_runs_of_local_steps(overrides: list[str], steps: int = 3) -> list[dict[str, torch.Tensor]]:
     """Two fresh LocalSteps of the demo config on one hand-made 128-px batch of 8 images (quadrant

@@ -137,7 +137,7 @@ def train_edges(cfg: Config) -> Path:
 
     root = cfg.edge_train.root or str(default_data_root() / "bsds500")
     if not Path(root).is_dir():
-        raise FileNotFoundError(f"edge_train.root: BSDS500 root not found: {root} (pass --data PATH)")
+        raise FileNotFoundError(f"edge_train.root: BSDS500 root not found: {root} (pass --root PATH)")
     from distseg.data.bsds import BSDS500
 
     for split in cfg.edge_train.splits:  # a wrong layout fails here, naming the folder, before Ray starts

@@ -233,6 +233,18 @@ def checkpoint_steps(run_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def resume_checkpoint(run_dir: str) -> str | None:
+    """The checkpoint folder Ray Train resumes a run from: the latest its checkpoint manager recorded in
+    `checkpoint_manager_snapshot.json`, which it writes once a checkpoint is complete (a folder left half
+    uploaded by a crash is never chosen). None without a snapshot: Ray then starts the run from scratch."""
+    text = store.read_text(store.join(run_dir, "checkpoint_manager_snapshot.json"))
+    try:
+        name = json.loads(text)["latest_checkpoint_result"]["checkpoint_dir_name"] if text else None
+    except (ValueError, KeyError, TypeError):  # another Ray's snapshot: leave the check to the workers
+        return None
+    return store.join(run_dir, name) if name else None
+
+
 def refuse_unfit_resume(cfg: Config, run_dir: str) -> None:
     """Before any worker starts: a run resumed by name must be able to load its last checkpoint into the
     model, loss and optimizer this config builds (checked on the driver's CPU, as each worker checks).
@@ -244,10 +256,9 @@ def refuse_unfit_resume(cfg: Config, run_dir: str) -> None:
     from distseg.train.engine import resume_refused
     from distseg.train.loop import check_resumable
 
-    checkpoints = checkpoint_steps(run_dir)
-    if not checkpoints:
+    location = resume_checkpoint(run_dir)
+    if location is None:
         return
-    location = checkpoints[-1][1]
     fs, path = store.resolve_uri(location)
     with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:
         try:
