@@ -264,6 +264,21 @@ def test_resume_check_loads_the_checkpoint_into_what_the_config_builds(tmp_path)
         with pytest.raises(CheckpointMismatch, match=f"checkpoint {folder}: "):
             check_resumable(load_config("demo", [*TINY[:7], change]), folder)
 
+    # a resume takes the optimizer's moments from the checkpoint and its weight decay from the config
+    from distseg.checkpoint import restore_checkpoint
+    from distseg.train.loop import restore_step
+
+    saved_decay = optimizer.param_groups[0]["weight_decay"]
+    decay = load_config("demo", [*TINY[:7], f"pretrain.weight_decay={saved_decay + 0.125}"])
+    step = build_step(decay, torch.device("cpu"))
+    meta = restore_step(lambda **objects: restore_checkpoint(folder, "cpu", **objects), *step, source="x")
+    assert meta["step"] == 1
+    moments = step[3].state_dict()["state"]
+    assert moments and all(
+        torch.equal(moments[k]["exp_avg"], v["exp_avg"]) for k, v in optimizer.state_dict()["state"].items()
+    )
+    assert step[3].param_groups[0]["weight_decay"] == saved_decay + 0.125
+
     # the folder checked is the one Ray Train resumes from: its snapshot's latest, not the highest step on
     # disk (a later folder half uploaded when the run died: meta.json there, model.pt not)
     from distseg.train.pretrain import refuse_unfit_resume, resume_checkpoint

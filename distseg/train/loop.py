@@ -89,16 +89,30 @@ def check_resumable(cfg, checkpoint: str | Path) -> None:
     cfg = cfg.model_copy(deep=True)
     cfg.model.weights = cfg.model.init_from = None
     with torch.random.fork_rng(devices=[]):  # building the network draws random weights: leave the caller's RNG
-        method, net, loss_fn, optimizer = build_step(cfg, torch.device("cpu"))
+        step = build_step(cfg, torch.device("cpu"))
+    restore_step(lambda **objects: restore_checkpoint(checkpoint, "cpu", **objects), *step, source=str(checkpoint))
+
+
+def restore_step(restore, method: Method, net, loss_fn, optimizer, source: str) -> dict:
+    """Load a checkpoint into what build_step built: network, optimizer, loss and the method's extra
+    state. `restore(optional=..., **objects)` reads it (restore_checkpoint bound to a folder, or
+    WorkerSession.restore); returns its meta.json ({} when there is none). Extra state the method
+    cannot take raises CheckpointMismatch naming `source`, as a misfit of the others does.
+
+    The optimizer's state (moments, momentum buffers) comes from the checkpoint, its hyperparameters
+    (weight decay, betas) from the config that resumes, as the learning rate does at every step:
+    torch's load_state_dict would otherwise keep the saved ones and silently ignore a changed
+    `pretrain.weight_decay`."""
     extra = method.extra_state()
     holders = {name: _StateHolder() for name in extra}
-    restore_checkpoint(
-        checkpoint, "cpu", optional=tuple(extra), model=net, optimizer=optimizer, loss=loss_fn, **holders
-    )
+    meta = restore(optional=tuple(extra), model=net, optimizer=optimizer, loss=loss_fn, **holders)
+    for group in optimizer.param_groups:
+        group.update({k: v for k, v in optimizer.defaults.items() if k in group})
     try:
         method.load_extra_state({name: h.state for name, h in holders.items() if h.state is not None})
     except (RuntimeError, ValueError, KeyError) as err:
-        raise CheckpointMismatch(f"checkpoint {checkpoint}: {str(err).strip()}".splitlines()[0]) from None
+        raise CheckpointMismatch(f"checkpoint {source}: {str(err).strip()}".splitlines()[0]) from None
+    return meta
 
 
 class LocalStep:
@@ -179,21 +193,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if session.rank == 0 and loop_config.get("placement_group_file"):
         record_placement_group(loop_config["placement_group_file"])
 
-    method: Method = create_method(cfg)
-    net = method.build_model()
-    if session.on_gpu:
-        net = net.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(net)
-    loss_fn = method.build_loss().to(device)
-    method.setup(net, loss_fn, device)
+    method, net, loss_fn, optimizer = build_step(cfg, device)
+    model = ray.train.torch.prepare_model(net)  # DDP over the same parameters the optimizer holds
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
-    optimizer = make_optimizer(list(model.parameters()) + loss_params, pcfg)
     scaler = torch.amp.GradScaler(enabled=session.on_gpu)
 
-    extra = method.extra_state()
-    holders = {name: _StateHolder() for name in extra}
-    meta = session.restore(optional=tuple(extra), model=net, optimizer=optimizer, loss=loss_fn, **holders)
-    method.load_extra_state({name: h.state for name, h in holders.items() if h.state is not None})
+    meta = restore_step(session.restore, method, net, loss_fn, optimizer, source=f"of run {cfg.name!r}")
     step, epoch = meta.get("step", 0), meta.get("epoch") or 0
 
     probe = build_probe(cfg) if pcfg.probe_every and session.rank == 0 else None
