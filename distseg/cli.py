@@ -469,7 +469,9 @@ def distill_segment(
     typer.echo(f"checkpoint: {r.checkpoint}  (MLflow run {r.run_id})")
     if scores:
         p = scores["predictions"]
-        typer.echo(f"{p['data']}: Hungarian mIoU {p['hungarian']['miou']:.4f} (majority {p['majority']['miou']:.4f})")
+        typer.echo(
+            f"{p['dataset']}: Hungarian mIoU {p['hungarian']['miou']:.4f} (majority {p['majority']['miou']:.4f})"
+        )
         for name, metrics in scores["protocols"].items():
             typer.echo(f"  {name}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "miou" in k))
 

@@ -356,7 +356,7 @@ def test_labeled_folder_evaluated_against_the_baselines(tmp_path: Path) -> None:
     # colour is the class here: a linear probe on rgbxy finds it (0.62 when written), on random features not (0.30)
     assert m["rgbxy"]["linear/miou"]["mean"] > 0.5
     assert m["rgbxy"]["linear/miou"]["mean"] > m["random"]["linear/miou"]["mean"] + 0.15
-    assert metrics["data"] == f"labeled:{data}"
+    assert metrics["dataset"] == f"labeled:{data}"
     client = MlflowClient(tracking_uri(tmp_path))
     runs = client.search_runs([client.get_experiment_by_name("distseg-demo").experiment_id])
     evals = {r.info.run_name for r in runs if r.data.tags.get("stage") == "evaluate"}

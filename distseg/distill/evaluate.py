@@ -255,7 +255,7 @@ def log_mask_ap(cfg, data_uri: str, result: MaskAPResult) -> str:
     """MLflow (tag stage=distill.ap): <prior>_AP / _AP50 / _AP75 / _masks_per_image and mask_ap.json."""
     from distseg.tracking import start_run
 
-    tags = {"stage": "distill.ap", "data": data_uri, "dataset": result.dataset, "split": result.split}
+    tags = {"stage": "distill.ap", "shards": data_uri, "dataset": result.dataset, "split": result.split}
     with start_run(cfg, run_name=f"{cfg.name}-distill-ap", tags=tags) as tracker:
         metrics = {"images": result.images}
         for name, score in result.scores.items():

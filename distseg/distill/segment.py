@@ -273,9 +273,12 @@ def evaluate_segmenter(cfg: Config, checkpoint: str | Path, protocols: bool = Tr
         crf = False
     predictions = [segment_image(model, image, crf) for image in evals.images]
     scores = matched_miou(predictions, evals.labels, num_pred, class_names)
-    results = {"predictions": {**scores, "crf": crf, "images": len(evals.ids), "data": ecfg.dataset}, "protocols": {}}
+    results = {
+        "predictions": {**scores, "crf": crf, "images": len(evals.ids), "dataset": ecfg.dataset},
+        "protocols": {},
+    }
     parent = read_meta(checkpoint).get("mlflow_run_id")
-    tags = {"stage": "distill.evaluate", "checkpoint": str(checkpoint), "data": ecfg.dataset}
+    tags = {"stage": "distill.evaluate", "checkpoint": str(checkpoint), "dataset": ecfg.dataset}
     with start_run(cfg, run_name=f"{cfg.name}-segment-eval", parent_run_id=parent, tags=tags, log_config=False) as t:
         t.log_metrics(
             {

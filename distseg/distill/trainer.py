@@ -230,7 +230,7 @@ def fit(
     init_ray(cfg.ray)
     workdir = Path(cfg.workdir).resolve()
     name = f"{cfg.name}-{stage}"
-    run_tags = {"stage": f"distill.{stage}", "data": data_uri, "classes": num_classes, **(tags or {})}
+    run_tags = {"stage": f"distill.{stage}", "shards": data_uri, "classes": num_classes, **(tags or {})}
     with start_run(cfg, run_name=name, tags=run_tags) as tracker:
         spec = TrainerSpec(
             name=name,

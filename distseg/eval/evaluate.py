@@ -397,7 +397,7 @@ def evaluate(cfg: Config, checkpoint: str | None, out_dir: str | Path) -> dict:
     if masks_from and semantic:
         saliency = saliency_maps(masks_from, image_size, evals, plugins)
     results: dict = {
-        "data": ecfg.dataset,
+        "dataset": ecfg.dataset,
         "protocols": [p.name for p in plans if not p.diagnostic],
         "diagnostics": [p.name for p in plans if p.diagnostic],
         "seeds": ecfg.seeds,
@@ -458,7 +458,7 @@ def evaluate(cfg: Config, checkpoint: str | None, out_dir: str | Path) -> dict:
                     {
                         "protocol": plan.name,
                         "source": source,
-                        "data": ecfg.dataset,
+                        "dataset": ecfg.dataset,
                         "seeds": len(per_seed),
                         "diagnostic": plan.diagnostic,
                         "image_size": image_size,
