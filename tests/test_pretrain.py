@@ -346,3 +346,71 @@ def test_same_seed_same_weights_bit_for_bit_with_two_threads():
         assert not use_deterministic(False, torch.device("cpu"))
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+_SAME_START = """
+import sys
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from distseg.config import load_config
+from distseg.train.loop import build_step, same_start
+
+
+def run(rank, world, port, out, wrapped):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(7 + rank)  # as WorkerSession seeds each rank: seed + rank
+    found = {}
+    for method in ("concepts", "maskcontrast"):
+        cfg = load_config(method, ["model.init_from=null", "model.backbone=resnet18", "model.head_channels=16",
+                                   "model.embed_dim=8"])
+        held = {}
+        wrap = same_start(DistributedDataParallel, world, held) if wrapped else None
+        m, net, loss_fn, _ = build_step(cfg, torch.device("cpu"), wrap)
+        assert (held["model"].module is net) if wrapped else not held
+        found[method] = {"net": net.state_dict(), "loss": loss_fn.state_dict(), **m.extra_state()}
+    torch.save(found, f"{out}/rank{rank}_{int(wrapped)}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    out, port, wrapped = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+    torch.multiprocessing.spawn(run, args=(2, port, out, wrapped), nprocs=2)
+"""
+
+
+def test_every_rank_starts_from_rank_zeros_network_and_loss_state(tmp_path):
+    """Two real torch.distributed (gloo) ranks seeded as Ray Train workers are (seed + rank) build the
+    concepts and MaskContrast steps through train.loop.same_start, with torch's DDP as Ray Train's
+    prepare_model wraps on CPU: the network, the loss's state (concepts dictionary, MaskContrast's
+    queue and saliency head) and the key encoder are rank 0's on both ranks. Without same_start
+    (the control) the dictionaries differ, so the comparison can fail."""
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "same_start.py"
+    script.write_text(_SAME_START)
+    for wrapped in ("1", "0"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, str(script), str(tmp_path), str(port), wrapped],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    same = [torch.load(tmp_path / f"rank{r}_1.pt", weights_only=True) for r in (0, 1)]
+    for method in ("concepts", "maskcontrast"):
+        for part, state in same[0][method].items():
+            for key, value in state.items():
+                assert torch.equal(value, same[1][method][part][key]), (method, part, key)
+    assert set(same[0]["maskcontrast"]) == {"net", "loss", "key_encoder"}
+    apart = [torch.load(tmp_path / f"rank{r}_0.pt", weights_only=True) for r in (0, 1)]
+    assert not torch.equal(apart[0]["concepts"]["loss"]["dictionary"], apart[1]["concepts"]["loss"]["dictionary"])
+    conv1 = "backbone.body.conv1.weight"
+    for part in ("net", "key_encoder"):
+        assert not torch.equal(apart[0]["maskcontrast"][part][conv1], apart[1]["maskcontrast"][part][conv1])

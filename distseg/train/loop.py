@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -66,17 +67,39 @@ def to_views(batch: dict, device: torch.device, channels_last: bool = False) -> 
     )
 
 
-def build_step(cfg, device: torch.device) -> tuple[Method, torch.nn.Module, torch.nn.Module, torch.optim.Optimizer]:
-    """(method, network, loss, optimizer) on one device, no Ray and no DDP wrapper, built as each worker
-    of train_loop_per_worker builds them: what a run's checkpoint is restored into."""
+def build_step(
+    cfg, device: torch.device, wrap: Callable[[torch.nn.Module, torch.nn.Module], None] | None = None
+) -> tuple[Method, torch.nn.Module, torch.nn.Module, torch.optim.Optimizer]:
+    """(method, network, loss, optimizer) on one device, as each worker of train_loop_per_worker builds
+    them: what a run's checkpoint is restored into. `wrap(net, loss)` (the worker's `same_start`: DDP,
+    rank 0's weights and loss state on every rank) runs once both exist and before the method's `setup`,
+    so what setup derives from them (MaskContrast's key encoder) is the same on every rank."""
     method = create_method(cfg)
     net = method.build_model().to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     loss_fn = method.build_loss().to(device)
+    if wrap is not None:
+        wrap(net, loss_fn)
     method.setup(net, loss_fn, device)
     params = list(net.parameters()) + [p for p in loss_fn.parameters() if p.requires_grad]
     return method, net, loss_fn, make_optimizer(params, cfg.pretrain)
+
+
+def same_start(prepare: Callable[[torch.nn.Module], torch.nn.Module], world: int, held: dict):
+    """build_step's `wrap` for a worker of `world`: `prepare` the network (Ray Train's prepare_model:
+    DDP, whose constructor copies rank 0's weights to every rank) into held["model"], and copy rank 0's
+    loss parameters and buffers (the concepts dictionary, MaskContrast's queue) to every rank. Each rank
+    seeds its RNG with seed + rank, and the loss's gradients are averaged by hand outside DDP: without
+    this copy each rank would train its own dictionary from its own random start."""
+
+    def wrap(net: torch.nn.Module, loss_fn: torch.nn.Module) -> None:
+        held["model"] = prepare(net)
+        if world > 1:
+            for tensor in [*loss_fn.parameters(), *loss_fn.buffers()]:
+                torch.distributed.broadcast(tensor.data, src=0)
+
+    return wrap
 
 
 def check_resumable(cfg, checkpoint: str | Path) -> None:
@@ -193,8 +216,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if session.rank == 0 and loop_config.get("placement_group_file"):
         record_placement_group(loop_config["placement_group_file"])
 
-    method, net, loss_fn, optimizer = build_step(cfg, device)
-    model = ray.train.torch.prepare_model(net)  # DDP over the same parameters the optimizer holds
+    held: dict = {}
+    wrap = same_start(ray.train.torch.prepare_model, session.world, held)
+    method, net, loss_fn, optimizer = build_step(cfg, device, wrap)
+    model = held["model"]  # DDP (more than one worker) over the same parameters the optimizer holds
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
     scaler = torch.amp.GradScaler(enabled=session.on_gpu)
 
