@@ -279,6 +279,33 @@ def test_resume_check_loads_the_checkpoint_into_what_the_config_builds(tmp_path)
     )
     assert step[3].param_groups[0]["weight_decay"] == saved_decay + 0.125
 
+    # a method's extra state that does not fit (MaskContrast's key encoder of another width) is refused as
+    # the network is: the driver's check names the folder, a worker's message says what to do
+    from distseg.train.engine import resume_refused
+
+    mc = load_config("demo", [*TINY[:7], "pretrain.method=maskcontrast"])
+    method, net, loss_fn, optimizer = build_step(mc, torch.device("cpu"))
+    wide = build_step(
+        load_config("demo", [*TINY[:7], "pretrain.method=maskcontrast", "model.embed_dim=16"]), torch.device("cpu")
+    )
+    folder = save_checkpoint(
+        tmp_path / "mc", cfg=mc, step=1, model=net.state_dict(), optimizer=optimizer.state_dict(),
+        loss=loss_fn.state_dict(), **wide[0].extra_state(),
+    )  # fmt: skip
+    assert (folder / "key_encoder.pt").is_file()
+    with pytest.raises(
+        CheckpointMismatch, match=f"checkpoint {folder}: Error.s. in loading state_dict for HypercolumnNet"
+    ):
+        check_resumable(mc, folder)
+    with pytest.raises(
+        CheckpointMismatch,
+        match="run 'demo' cannot resume from .*mc: it was saved by .*Error.s. in loading.*Start a new",
+    ):
+        restore_step(
+            lambda **objects: restore_checkpoint(folder, "cpu", **objects), *build_step(mc, torch.device("cpu")),
+            source="x", refuse=lambda err: resume_refused("demo", str(folder), err),
+        )  # fmt: skip
+
     # the folder checked is the one Ray Train resumes from: its snapshot's latest, not the highest step on
     # disk (a later folder half uploaded when the run died: meta.json there, model.pt not)
     from distseg.train.pretrain import refuse_unfit_resume, resume_checkpoint
@@ -354,7 +381,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from distseg.config import load_config
-from distseg.train.loop import build_step, same_start
+from distseg.train.loop import SameStart, build_step
 
 
 def run(rank, world, port, out, wrapped):
@@ -365,10 +392,9 @@ def run(rank, world, port, out, wrapped):
     for method in ("concepts", "maskcontrast"):
         cfg = load_config(method, ["model.init_from=null", "model.backbone=resnet18", "model.head_channels=16",
                                    "model.embed_dim=8"])
-        held = {}
-        wrap = same_start(DistributedDataParallel, world, held) if wrapped else None
+        wrap = SameStart(DistributedDataParallel, world) if wrapped else None
         m, net, loss_fn, _ = build_step(cfg, torch.device("cpu"), wrap)
-        assert (held["model"].module is net) if wrapped else not held
+        assert wrap.model.module is net if wrapped else True
         found[method] = {"net": net.state_dict(), "loss": loss_fn.state_dict(), **m.extra_state()}
     torch.save(found, f"{out}/rank{rank}_{int(wrapped)}.pt")
     dist.destroy_process_group()
@@ -382,9 +408,9 @@ if __name__ == "__main__":
 
 def test_every_rank_starts_from_rank_zeros_network_and_loss_state(tmp_path):
     """Two real torch.distributed (gloo) ranks seeded as Ray Train workers are (seed + rank) build the
-    concepts and MaskContrast steps through train.loop.same_start, with torch's DDP as Ray Train's
+    concepts and MaskContrast steps through train.loop.SameStart, with torch's DDP as Ray Train's
     prepare_model wraps on CPU: the network, the loss's state (concepts dictionary, MaskContrast's
-    queue and saliency head) and the key encoder are rank 0's on both ranks. Without same_start
+    queue and saliency head) and the key encoder are rank 0's on both ranks. Without SameStart
     (the control) the dictionaries differ, so the comparison can fail."""
     import socket
     import subprocess

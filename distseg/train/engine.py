@@ -141,6 +141,7 @@ class WorkerSession:
         self.on_gpu = self.device.type == "cuda"
         self.deterministic = use_deterministic(deterministic, self.device)
         self.run_id = loop_config.get("run_id")
+        self.resumed_from: str | None = None  # the checkpoint `restore` loaded
         uri = loop_config.get("tracking_uri")
         self.tracker = Tracker.attach(self.run_id, uri) if self.rank == 0 and self.run_id and uri else None
 
@@ -155,6 +156,7 @@ class WorkerSession:
         checkpoint = ray.train.get_checkpoint()
         if not checkpoint:
             return {}
+        self.resumed_from = checkpoint.path
         with checkpoint.as_directory() as folder:
             try:
                 meta = restore_checkpoint(folder, self.device, optional=optional, **objects)

@@ -22,7 +22,7 @@ from distseg.checkpoint import CheckpointMismatch
 from distseg.config import PretrainConfig
 from distseg.core.constants import IMAGENET_MEAN, IMAGENET_STD
 from distseg.methods import Method, Views, create_method
-from distseg.train.engine import WorkerSession, use_deterministic
+from distseg.train.engine import WorkerSession, resume_refused, use_deterministic
 from distseg.train.probe import build_probe
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -71,7 +71,7 @@ def build_step(
     cfg, device: torch.device, wrap: Callable[[torch.nn.Module, torch.nn.Module], None] | None = None
 ) -> tuple[Method, torch.nn.Module, torch.nn.Module, torch.optim.Optimizer]:
     """(method, network, loss, optimizer) on one device, as each worker of train_loop_per_worker builds
-    them: what a run's checkpoint is restored into. `wrap(net, loss)` (the worker's `same_start`: DDP,
+    them: what a run's checkpoint is restored into. `wrap(net, loss)` (the worker's `SameStart`: DDP,
     rank 0's weights and loss state on every rank) runs once both exist and before the method's `setup`,
     so what setup derives from them (MaskContrast's key encoder) is the same on every rank."""
     method = create_method(cfg)
@@ -86,20 +86,22 @@ def build_step(
     return method, net, loss_fn, make_optimizer(params, cfg.pretrain)
 
 
-def same_start(prepare: Callable[[torch.nn.Module], torch.nn.Module], world: int, held: dict):
+class SameStart:
     """build_step's `wrap` for a worker of `world`: `prepare` the network (Ray Train's prepare_model:
-    DDP, whose constructor copies rank 0's weights to every rank) into held["model"], and copy rank 0's
-    loss parameters and buffers (the concepts dictionary, MaskContrast's queue) to every rank. Each rank
+    DDP, whose constructor copies rank 0's weights to every rank) into `.model`, and copy rank 0's loss
+    parameters and buffers (the concepts dictionary, MaskContrast's queue) to every rank. Each rank
     seeds its RNG with seed + rank, and the loss's gradients are averaged by hand outside DDP: without
     this copy each rank would train its own dictionary from its own random start."""
 
-    def wrap(net: torch.nn.Module, loss_fn: torch.nn.Module) -> None:
-        held["model"] = prepare(net)
-        if world > 1:
+    def __init__(self, prepare: Callable[[torch.nn.Module], torch.nn.Module], world: int):
+        self.prepare, self.world = prepare, world
+        self.model: torch.nn.Module | None = None
+
+    def __call__(self, net: torch.nn.Module, loss_fn: torch.nn.Module) -> None:
+        self.model = self.prepare(net)
+        if self.world > 1:
             for tensor in [*loss_fn.parameters(), *loss_fn.buffers()]:
                 torch.distributed.broadcast(tensor.data, src=0)
-
-    return wrap
 
 
 def check_resumable(cfg, checkpoint: str | Path) -> None:
@@ -116,11 +118,14 @@ def check_resumable(cfg, checkpoint: str | Path) -> None:
     restore_step(lambda **objects: restore_checkpoint(checkpoint, "cpu", **objects), *step, source=str(checkpoint))
 
 
-def restore_step(restore, method: Method, net, loss_fn, optimizer, source: str) -> dict:
+def restore_step(
+    restore, method: Method, net, loss_fn, optimizer, source: str, refuse: Callable[[Exception], str] | None = None
+) -> dict:
     """Load a checkpoint into what build_step built: network, optimizer, loss and the method's extra
     state. `restore(optional=..., **objects)` reads it (restore_checkpoint bound to a folder, or
     WorkerSession.restore); returns its meta.json ({} when there is none). Extra state the method
-    cannot take raises CheckpointMismatch naming `source`, as a misfit of the others does.
+    cannot take raises CheckpointMismatch naming `source`, as a misfit of the others does; `refuse(err)`,
+    when given, writes that message instead (the worker's: engine.resume_refused, which says what to do).
 
     The optimizer's state (moments, momentum buffers) comes from the checkpoint, its hyperparameters
     (weight decay, betas) from the config that resumes, as the learning rate does at every step:
@@ -134,7 +139,8 @@ def restore_step(restore, method: Method, net, loss_fn, optimizer, source: str) 
     try:
         method.load_extra_state({name: h.state for name, h in holders.items() if h.state is not None})
     except (RuntimeError, ValueError, KeyError) as err:
-        raise CheckpointMismatch(f"checkpoint {source}: {str(err).strip()}".splitlines()[0]) from None
+        found = CheckpointMismatch(f"checkpoint {source}: {str(err).strip()}".splitlines()[0])
+        raise (CheckpointMismatch(refuse(found)) if refuse else found) from None
     return meta
 
 
@@ -216,14 +222,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if session.rank == 0 and loop_config.get("placement_group_file"):
         record_placement_group(loop_config["placement_group_file"])
 
-    held: dict = {}
-    wrap = same_start(ray.train.torch.prepare_model, session.world, held)
-    method, net, loss_fn, optimizer = build_step(cfg, device, wrap)
-    model = held["model"]  # DDP (more than one worker) over the same parameters the optimizer holds
+    start = SameStart(ray.train.torch.prepare_model, session.world)
+    method, net, loss_fn, optimizer = build_step(cfg, device, start)
+    model = start.model  # DDP (more than one worker) over the same parameters the optimizer holds
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
     scaler = torch.amp.GradScaler(enabled=session.on_gpu)
 
-    meta = restore_step(session.restore, method, net, loss_fn, optimizer, source=f"of run {cfg.name!r}")
+    meta = restore_step(
+        session.restore, method, net, loss_fn, optimizer, source=f"of run {cfg.name!r}",
+        refuse=lambda err: resume_refused(cfg.name, session.resumed_from, err),
+    )  # fmt: skip
     step, epoch = meta.get("step", 0), meta.get("epoch") or 0
 
     probe = build_probe(cfg) if pcfg.probe_every and session.rank == 0 else None
