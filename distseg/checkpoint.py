@@ -136,14 +136,24 @@ def restore_checkpoint(
 
 
 def export_checkpoint(source: str | Path, target: str | Path, exclude: tuple[str, ...] = ("optimizer.pt",)) -> Path:
-    """Copy a checkpoint folder (all but `exclude`: what evaluation needs) to `target`, replacing it."""
+    """Copy a checkpoint folder (all but `exclude`: what evaluation needs) to `target`, replacing it.
+
+    The copy is written beside `target` and renamed into place, so a crash or a full disk mid-copy leaves
+    the previous export (or none), never a folder with meta.json and no model.pt."""
     target = Path(target)
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial, old = target.with_name(f".{target.name}.partial"), target.with_name(f".{target.name}.old")
+    for leftover in (partial, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    partial.mkdir()
     for path in Path(source).iterdir():
         if path.name not in exclude:
-            shutil.copy2(path, target / path.name)
+            shutil.copy2(path, partial / path.name)
+    if target.exists():
+        target.rename(old)
+    partial.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
     return target
 
 

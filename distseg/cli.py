@@ -156,12 +156,15 @@ def pretrain(
     from distseg.mining import MiningError
     from distseg.train.ingest import IngestError
     from distseg.train.pretrain import pretrain as run_pretrain
+    from distseg.train.probe import ProbeError
 
     extra = ([f"pretrain.shards={shards}"] if shards else []) + ([f"name={name}"] if name else [])
     cfg = resolve(config, extra + list(overrides or []))
     try:
         result = run_pretrain(cfg)
-    except (IngestError, ResourceError, FileNotFoundError, ScenesMismatch, MiningError, CheckpointMismatch) as e:
+    except (
+        IngestError, ResourceError, FileNotFoundError, ScenesMismatch, MiningError, CheckpointMismatch, ProbeError
+    ) as e:  # fmt: skip
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(1) from None
     losses = " ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if k.startswith("loss"))
@@ -184,6 +187,7 @@ def tune(
     """Sweep a method's knobs with Ray Tune: each trial a pretraining run, ASHA early stopping, MLflow child runs."""
     from distseg.cluster import ResourceError
     from distseg.train.ingest import IngestError
+    from distseg.train.probe import ProbeError
     from distseg.tune import SpaceError, SweepError, print_summary, sweep
 
     try:
@@ -196,7 +200,7 @@ def tune(
             name=name,
             images=images,
         )
-    except (SpaceError, SweepError, ResourceError, ConfigError, IngestError, FileNotFoundError) as e:
+    except (SpaceError, SweepError, ResourceError, ConfigError, IngestError, FileNotFoundError, ProbeError) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2 if isinstance(e, SpaceError | ConfigError) else 1) from None
     from distseg.cluster import shutdown_ray

@@ -145,13 +145,19 @@ class PretrainConfig(Section):
     batch_size: int = Field(8, ge=1, description="images per step per worker (two views each)")
     crop: int = Field(224, ge=32, description="side of the square random-resized crops")
     crop_scale: tuple[float, float] = Field((0.3, 1.0), description="area range of the random resized crop")
-    color_jitter: float = Field(0.4, ge=0, description="brightness/contrast/saturation jitter (hue: a quarter of it)")
+    color_jitter: float = Field(
+        0.4,
+        ge=0,
+        description="brightness/contrast/saturation jitter (hue: a quarter of it), applied with p 0.8 and followed "
+        "by RandomGrayscale p 0.2 (MoCo v2's photometric set; 0 turns both off; SimCLR's strength: 0.8)",
+    )
     blur: float = Field(
         0.0,
         ge=0,
         le=1,
         description="probability of SimCLR's Gaussian blur on each view's image (kernel a tenth of the crop, "
-        "sigma 0.1-2; He et al. use SimCLR's augmentations, blur included: concepts.yaml sets 0.5, SimCLR's)",
+        "sigma 0.1-2; He et al. use SimCLR's augmentations, blur included: concepts.yaml sets 0.5, SimCLR's, "
+        "with its crops and jitter)",
     )
     vertical_flip: bool = Field(
         False,

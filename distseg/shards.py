@@ -27,6 +27,7 @@ from distseg.grouping.types import Mask, PriorOutput
 SCHEMA_VERSION = SHARD_SCHEMA_VERSION  # kept under this name: readers and tests import it from here
 META_VERSION = b"distseg.schema_version"
 META_CONFIG = b"distseg.config_hash"
+META_SETTINGS = b"distseg.mining_settings"  # the settings a row depends on (mining.manifest.mining_settings)
 
 MASK_TYPE = pa.struct([("rle", pa.binary()), ("score", pa.float32()), ("label", pa.int32())])
 PRIOR_TYPE = pa.struct(
@@ -53,7 +54,13 @@ def shard_schema(priors: list[str], config: dict | None = None) -> pa.Schema:
         ("image", pa.binary()),
         ("prior", pa.list_(pa.string())),
     ] + [(name, PRIOR_TYPE) for name in priors]
-    metadata = {META_VERSION: str(SCHEMA_VERSION).encode(), META_CONFIG: config_hash(config or {}).encode()}
+    from distseg.mining.manifest import mining_settings
+
+    metadata = {
+        META_VERSION: str(SCHEMA_VERSION).encode(),
+        META_CONFIG: config_hash(config or {}).encode(),
+        META_SETTINGS: json.dumps(mining_settings(config or {}), sort_keys=True, default=str).encode(),
+    }
     return pa.schema(fields, metadata=metadata)
 
 

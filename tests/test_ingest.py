@@ -162,14 +162,46 @@ def test_repeats_come_back_only_after_every_other_image(tmp_path):
     cfg = PretrainConfig(prior="ucm", crop=32, crop_scale=(1.0, 1.0), color_jitter=0.0, max_regions=4, batch_size=4)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
-        views = [b["view1"] for b in build_dataset(tmp_path, cfg, repeats=3).iter_batches(batch_size=None)]
+        batches = list(build_dataset(tmp_path, cfg, passes=3).iter_batches(batch_size=None))
+        resumed = list(build_dataset(tmp_path, cfg, passes=1, first_pass=2).iter_batches(batch_size=None))
     finally:
         ray.shutdown()
+    views = [b["view1"] for b in batches]
+    passes = np.concatenate([b["pass"] for b in batches])
+    assert passes.tolist() == sorted(passes.tolist()) == [0] * 12 + [1] * 12 + [2] * 12  # one pass after another
+
+    # each pass draws its own views, and a dataset that starts at pass 2 (a resumed run) draws pass 2's
+    def by_image(rows: list[dict], which: int) -> dict[int, np.ndarray]:
+        return {int(i): v for b in rows for i, v, p in zip(b["image_index"], b["coord1"], b["pass"]) if p == which}
+
+    first, second, third = (by_image(batches, p) for p in range(3))
+    assert len(first) == 12 and sum(not np.array_equal(first[i], second[i]) for i in first) >= 3  # flips differ
+    again = by_image(resumed, 2)
+    assert again.keys() == third.keys() and all(np.array_equal(again[i], third[i]) for i in third)
     means = np.concatenate(views).mean(axis=(2, 3))
     order = [int(np.abs(colours.astype(int) - m).sum(1).argmin()) for m in means]
     assert sorted(order) == sorted(list(range(12)) * 3)
     gaps = [j - i for i in range(len(order)) for j in range(i + 1, len(order)) if order[i] == order[j]]
     assert min(gaps) >= 6, str(order)
+
+
+def test_the_dataset_covers_the_run_and_a_resume_reads_new_passes():
+    """ingest.passes_needed / pass_order: the passes a run streams cover every step still to train (one
+    pass to spare), so views are never drawn twice under one pass index; a pass's file order depends on
+    (seed, pass) alone, so a run resumed at pass p reads the files as the uninterrupted run would."""
+    from distseg.train.ingest import pass_order, passes_needed
+
+    cfg = PretrainConfig(steps=1200, batch_size=8)
+    assert passes_needed(445, cfg, 1) == 23  # ceil(1200 * 8 / 445) + 1
+    assert passes_needed(445, cfg, 2, done_steps=900) == 12  # 300 more steps of 2 workers: ceil(4800 / 445) + 1
+    assert passes_needed(100_000, cfg, 1) == 2
+    files = [f"part-{i}.parquet" for i in range(5)]
+    full = pass_order(files, seed=3, first_pass=0, passes=4)
+    assert [p for p, _ in full] == [0] * 5 + [1] * 5 + [2] * 5 + [3] * 5
+    assert all(sorted(f for q, f in full if q == p) == files for p in range(4))
+    assert pass_order(files, seed=3, first_pass=2, passes=2) == full[10:]
+    assert len({tuple(f for q, f in full if q == p) for p in range(4)}) > 1  # each pass its own order
+    assert pass_order(files, seed=4, first_pass=0, passes=4) != full
 
 
 def test_too_many_regions_is_a_clear_error():
@@ -183,6 +215,40 @@ def test_too_many_regions_is_a_clear_error():
     cfg = PretrainConfig(prior="ucm", crop=32, max_regions=2)
     with pytest.raises(IngestError, match="big: 4 regions > pretrain.max_regions=2"):
         MakePairs(cfg.model_dump(mode="json"))(_table([record], ["ucm"]))
+
+
+def test_more_regions_than_max_regions_is_refused_before_training(tmp_path):
+    """ingest.check_regions (run by `distseg pretrain` before Ray starts): a ucm prior with more regions
+    than pretrain.max_regions, or a superpixel prior whose ids hiergroup would look up in d_T beyond it,
+    names the shard, the image and the setting; methods that use no d_T take superpixels as they are.
+    Through the CLI: exit 1, the message, and no Ray cluster started."""
+    import ray
+    from typer.testing import CliRunner
+
+    from distseg.cli import app
+    from distseg.train.ingest import check_regions
+
+    image, seg = quadrant_image()
+    dist = np.full((4, 4), 0.5, np.float32)
+    ucm = GroupingRecord("big", "big.png", image, {"ucm": PriorOutput(regions=seg.astype(np.uint8), region_dist=dist)})
+    slic = GroupingRecord("sp", "sp.png", image, {"slic": PriorOutput(regions=seg.astype(np.uint8))})
+    for name, record, prior in (("ucm", ucm, "ucm"), ("slic", slic, "slic")):
+        (tmp_path / name).mkdir()
+        pq.write_table(_table([record], [prior]), tmp_path / name / "part-0.parquet")
+    ucm_files, slic_files = shard_files(tmp_path / "ucm"), shard_files(tmp_path / "slic")
+    with pytest.raises(IngestError, match="part-0.parquet, image big: prior 'ucm' has 4 regions, .*max_regions=4 or"):
+        check_regions(ucm_files, PretrainConfig(prior="ucm", max_regions=3))
+    check_regions(ucm_files, PretrainConfig(prior="ucm", max_regions=4))
+    with pytest.raises(IngestError, match="image sp: prior 'slic' has 4 regions"):
+        check_regions(slic_files, PretrainConfig(method="hiergroup", prior="slic", max_regions=2))
+    check_regions(slic_files, PretrainConfig(method="concepts", prior="slic", max_regions=2))
+
+    result = CliRunner().invoke(
+        app, ["pretrain", "--shards", str(tmp_path / "ucm"), f"workdir={tmp_path}", "pretrain.max_regions=3"]
+    )
+    assert result.exit_code == 1, result.output
+    assert "image big: prior 'ucm' has 4 regions, more than pretrain.max_regions=3" in result.output
+    assert not ray.is_initialized()
 
 
 def test_missing_shards_and_missing_prior_are_named(tmp_path):

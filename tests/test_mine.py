@@ -137,6 +137,11 @@ def test_bad_inputs_are_processed_or_recorded(tmp_path, local_ray):
 
     rows = {r["image_id"]: r for r in read_rows(out)}
     assert set(rows) == set(ok)
+    from distseg.mining.listing import resolve_uri
+    from distseg.mining.manifest import mining_settings, shard_settings
+
+    fs, root = resolve_uri(str(out))  # each real shard records what it was mined with (for a killed run's rerun)
+    assert shard_settings(fs, root) == mining_settings(cfg.model_dump(mode="json"))
     for image_id, (height, width) in ok.items():
         record = decode_record(rows[image_id])
         assert record.image.shape == (height, width, 3), image_id
@@ -304,7 +309,8 @@ def test_worker_restarts_are_bounded_and_the_failure_names_the_image(tmp_path, l
 def test_an_output_mined_with_other_settings_is_refused_before_ray_starts(tmp_path):
     """Rows of one output must agree: mining into a folder whose manifest records another edge detector,
     hierarchy, prior section or image size stops with each differing key (old -> new) named; settings
-    a shard row does not depend on (pretraining, the seed) do not matter."""
+    a shard row does not depend on (pretraining, the seed) do not matter. Without a manifest (a killed
+    run) the shards' metadata is compared."""
     from distseg.mining.manifest import check_settings, mining_settings
 
     images = tmp_path / "in"
@@ -328,6 +334,18 @@ def test_an_output_mined_with_other_settings_is_refused_before_ray_starts(tmp_pa
         check_settings(load_config("demo", ["edges.detector=gradient", "mine.priors=[ucm,slic]"]), str(out))
     check_settings(load_config("demo", ["edges.detector=gradient", "pretrain.steps=7", "seed=3"]), str(out))
     check_settings(old, str(tmp_path / "nowhere"))  # a new output: nothing to compare
+    # a run killed before it wrote the manifest: its shards' metadata says what they were mined with
+    import pyarrow.parquet as pq
+
+    from distseg.shards import shard_schema
+
+    killed = tmp_path / "killed"
+    (killed / "shards").mkdir(parents=True)
+    schema = shard_schema(old.mine.priors, old.model_dump(mode="json"))
+    pq.write_table(schema.empty_table(), killed / "shards" / "part-0.parquet")
+    check_settings(load_config("demo", ["edges.detector=gradient", "pretrain.steps=7"]), str(killed))
+    with pytest.raises(MiningError, match=r"killed was mined with other settings \(hierarchy\.max_regions: 24 -> 30\)"):
+        check_settings(load_config("demo", ["edges.detector=gradient", "hierarchy.max_regions=30"]), str(killed))
     # a prior's own section counts only when that prior is mined; the edges only for ucm
     slic = mining_settings(load_config("demo", ["mine.priors=[slic]"]).model_dump(mode="json"))
     assert "priors.slic.num_regions" in slic and not any(k.startswith(("edges.", "priors.ucm")) for k in slic)

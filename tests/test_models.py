@@ -125,3 +125,30 @@ def test_reflect_padding_leaves_no_border_signal_and_loads_the_same_weights(tmp_
     assert create_model(cfg.model).padding == "reflect"
     with pytest.raises(Exception, match="padding"):
         load_config("demo", ["model.padding=circular"])
+
+
+def test_export_replaces_a_checkpoint_whole_or_not_at_all(tmp_path):
+    """checkpoint.export_checkpoint: the export drops optimizer.pt and replaces an earlier one; a copy that
+    fails midway (a source entry that cannot be copied, as a full disk would) leaves the earlier export
+    as it was, with no partial folder beside it."""
+    from distseg.checkpoint import export_checkpoint
+
+    source = tmp_path / "ray" / "checkpoint_1"
+    source.mkdir(parents=True)
+    for name, text in (("model.pt", "m1"), ("optimizer.pt", "o"), ("meta.json", "{}")):
+        (source / name).write_text(text)
+    target = tmp_path / "checkpoints" / "run"
+    export_checkpoint(source, target)
+    assert sorted(p.name for p in target.iterdir()) == ["meta.json", "model.pt"]
+    (source / "model.pt").write_text("m2")
+    export_checkpoint(source, target)
+    assert (target / "model.pt").read_text() == "m2"
+    (source / "zz_unreadable").mkdir()  # copy2 of a folder raises, midway through the copy
+    (source / "model.pt").write_text("m3")
+    with pytest.raises(IsADirectoryError):
+        export_checkpoint(source, target, exclude=("optimizer.pt",))
+    assert (target / "model.pt").read_text() == "m2"
+    assert sorted(p.name for p in target.parent.iterdir() if not p.name.startswith(".")) == ["run"]
+    (source / "zz_unreadable").rmdir()
+    export_checkpoint(source, target)  # the next export clears what the failed one left
+    assert (target / "model.pt").read_text() == "m3" and [p.name for p in target.parent.iterdir()] == ["run"]

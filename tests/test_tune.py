@@ -193,15 +193,24 @@ def test_probe_scores_a_network_on_train_split_images_only():
     "overrides, message",
     [
         (["pretrain.probe_protocol=kmeanz"], "is not a protocol"),
-        (["pretrain.probe_protocol=davis"], "needs video or a concept dictionary"),
+        (["pretrain.probe_protocol=davis"], "needs video, a concept dictionary or a saliency head"),
+        (["pretrain.probe_protocol=object_kmeans"], "needs video, a concept dictionary or a saliency head"),
         (["evaluate.dataset=bsds"], "needs labels"),
     ],
 )
-def test_bad_probe_settings_fail_before_training(overrides, message):
+def test_bad_probe_settings_fail_before_training(overrides, message, tmp_path):
+    """check_probe refuses them; `distseg pretrain` prints the one-line error and exits 1, Ray not started."""
+    import ray
+    from typer.testing import CliRunner
+
+    from distseg.cli import app
     from distseg.train.probe import ProbeError, check_probe
 
     with pytest.raises(ProbeError, match=message):
         check_probe(load_config("demo", ["pretrain.probe_every=5", *overrides]))
+    result = CliRunner().invoke(app, ["pretrain", f"workdir={tmp_path}", "pretrain.probe_every=5", *overrides])
+    assert result.exit_code == 1 and result.output.startswith("error: pretrain.") and not ray.is_initialized()
+    assert message.split(" ")[0] in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.slow

@@ -124,20 +124,39 @@ def mining_settings(config: dict) -> dict:
     return settings
 
 
+def shard_settings(fs: pafs.FileSystem, root: str) -> dict | None:
+    """The mining settings the first shard of an output records in its Parquet metadata (None: no shard,
+    or one written before shards recorded them)."""
+    from distseg.shards import META_SETTINGS
+
+    files = parquet_files(fs, f"{root}/{SHARDS}")
+    if not files:
+        return None
+    try:
+        metadata = pq.read_schema(files[0], filesystem=fs).metadata or {}
+        return json.loads(metadata[META_SETTINGS]) if META_SETTINGS in metadata else None
+    except (OSError, ValueError):
+        return None
+
+
 def check_settings(cfg: Config, output_uri: str) -> None:
     """Refuse to add rows to an output mined with other settings (the rows of one output would not
-    agree): raises MiningError naming the output and each differing key, old -> new."""
+    agree): raises MiningError naming the output and each differing key, old -> new. The manifest says
+    what the output was mined with; without one (a run killed before it finished writes none) the
+    shards' own metadata does."""
     fs, root = resolve_uri(output_uri)
+    before = None
     try:
         with fs.open_input_stream(f"{root}/{MANIFEST}") as stream:
             old = json.loads(stream.read()).get("config")
+        before = mining_settings(old) if isinstance(old, dict) else None
     except FileNotFoundError:
-        return
+        before = shard_settings(fs, root)
     except (OSError, ValueError):
-        return  # an unreadable manifest is rewritten at the end of the run; the shards are the truth
-    if not isinstance(old, dict):
+        pass  # an unreadable manifest is rewritten at the end of the run; the shards are the truth
+    if before is None:
         return
-    before, after = mining_settings(old), mining_settings(cfg.model_dump(mode="json"))
+    after = mining_settings(cfg.model_dump(mode="json"))
     changed = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
     if changed:
         diffs = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed[:6])

@@ -3,7 +3,8 @@
 Ray Data reads the shards' Parquet (the image bytes are in the shard: the source store is never read
 again), decodes each row and draws two views. Each view is a random resized crop + horizontal flip
 applied identically to the image and its segment map (torchvision v2 transforms on an Image and a
-Mask), then colour jitter (and, with `pretrain.blur`, SimCLR's Gaussian blur) on the image only.
+Mask), then colour jitter (p 0.8) and RandomGrayscale (p 0.2), MoCo v2's photometric set (and, with
+`pretrain.blur`, SimCLR's Gaussian blur), on the image only.
 Both views crop the same segment map, so segment id r means the same region of the same image in
 both views. Pixels a view does not cover do not exist
 (crops lie inside the image), so no ignore value is needed here; -1 is reserved for padding.
@@ -94,6 +95,27 @@ def check_prior(files: list[str], prior: str) -> None:
             f"shard {files[0]} has no column for prior {prior!r} (it has: {', '.join(available) or 'none'}); "
             f"mine with mine.priors=[{prior}] or set pretrain.prior"
         )
+
+
+def check_regions(files: list[str], cfg: PretrainConfig, sample: int = 64) -> None:
+    """The first `sample` rows of the first shard against `pretrain.max_regions`, on the driver: a prior
+    cut into more regions than d_T's padding holds (a mining `hierarchy.max_regions` above it, or a
+    superpixel prior's hundred segments under hiergroup, which looks each region up in d_T) is refused
+    before any worker starts, rather than in the middle of training. Later rows are checked as they are
+    read (MakePairs)."""
+    table = next(_parquet(files[0]).iter_batches(batch_size=sample, columns=["image_id", "height", "width", cfg.prior]))
+    for row in table.to_pylist():
+        found = segments_of(row.get(cfg.prior), int(row["height"]), int(row["width"]))
+        if found is None:
+            continue
+        segments, dist = found
+        count = dist.shape[0] if dist is not None else int(segments.max()) + 1
+        if count > cfg.max_regions and (dist is not None or cfg.method == "hiergroup"):
+            raise IngestError(
+                f"shard {files[0]}, image {row.get('image_id')}: prior {cfg.prior!r} has {count} regions, more "
+                f"than pretrain.max_regions={cfg.max_regions} (the d_T size): set pretrain.max_regions={count} "
+                "or more (at most 256), or mine with fewer regions (hierarchy.max_regions)"
+            )
 
 
 def image_index(image_id: str) -> int:
@@ -194,15 +216,16 @@ class MakePairs:
             if dist is not None:
                 padded[: dist.shape[0], : dist.shape[0]] = dist
             seed = row_seed(self.seed, int(row.get("pass") or 0), str(row.get("image_id")))
-            kept.append((decode_image(row["image"]), segments, padded, image_index(str(row.get("image_id"))), seed))
+            index = image_index(str(row.get("image_id")))
+            kept.append((decode_image(row["image"]), segments, padded, index, int(row.get("pass") or 0), seed))
         c, k = cfg.crop, cfg.max_regions
-        keys = ("view1", "seg1", "coord1", "view2", "seg2", "coord2", "dist", "image_index")
+        keys = ("view1", "seg1", "coord1", "view2", "seg2", "coord2", "dist", "image_index", "pass")
         out: dict[str, list] = {key: [] for key in keys}
-        for image, segments, padded, index, seed in kept:
+        for image, segments, padded, index, pass_index, seed in kept:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 views = self.views(image, segments)
-            for key, value in zip(keys, (*views, padded, index)):
+            for key, value in zip(keys, (*views, padded, index, pass_index)):
                 out[key].append(value)
         if not kept:
             shapes = {
@@ -214,10 +237,11 @@ class MakePairs:
                 "coord2": ((2, c, c), np.int32),
                 "dist": ((k, k), np.float32),
                 "image_index": ((), np.int64),
+                "pass": ((), np.int64),
             }
             return {key: np.zeros((0, *shape), dtype) for key, (shape, dtype) in shapes.items()}
         return {
-            key: np.asarray(values, np.int64) if key == "image_index" else np.stack(values)
+            key: np.asarray(values, np.int64) if key in ("image_index", "pass") else np.stack(values)
             for key, values in out.items()
         }
 
@@ -226,33 +250,44 @@ def make_pairs(table: pa.Table, cfg: dict, seed: int = 0) -> dict[str, np.ndarra
     return MakePairs(cfg, seed)(table)
 
 
-def repeats_per_epoch(rows: int, cfg: PretrainConfig, world: int, min_steps: int = 100) -> int:
-    """Views drawn per image per pass over the shards, so a pass lasts at least `min_steps` steps.
+def passes_needed(rows: int, cfg: PretrainConfig, world: int, done_steps: int = 0) -> int:
+    """Passes over the shards that the steps still to train (`cfg.steps - done_steps`) read, plus one:
+    the dataset a run streams covers the whole run, so each pass draws new views of every image (their
+    seeds hold the pass index) and the streaming pipeline starts once. The extra pass covers the rows a
+    worker drops (the last partial batch, images without segments for the prior)."""
+    wanted = max(cfg.steps - done_steps, 1) * cfg.batch_size * world
+    return -(-wanted // max(rows, 1)) + 1
 
-    Each pass restarts the streaming pipeline; on small sets (the demo's 32 images) that restart
-    would otherwise dominate the step time."""
-    wanted = min(min_steps, cfg.steps) * cfg.batch_size * world
-    return max(1, -(-wanted // max(rows, 1)))
+
+def pass_order(files: list[str], seed: int, first_pass: int, passes: int) -> list[tuple[int, str]]:
+    """(pass, file) in reading order: each pass reads the files in its own order, seeded by (seed, pass)
+    alone, so a run resumed at pass p reads p's files as the uninterrupted run would have."""
+    return [
+        (p, files[i]) for p in range(first_pass, first_pass + passes)
+        for i in np.random.default_rng([seed, p]).permutation(len(files))
+    ]  # fmt: skip
 
 
-def build_dataset(shards: str | Path, cfg: PretrainConfig, repeats: int = 1, cpus_per_task: float = 0.5, seed: int = 0):
-    """The Ray Dataset of paired views that training streams from (read, decode and augment run as tasks)."""
+def build_dataset(
+    shards: str | Path, cfg: PretrainConfig, passes: int = 1, first_pass: int = 0, cpus_per_task: float = 0.5,
+    seed: int = 0,
+):  # fmt: skip
+    """The Ray Dataset of paired views that training streams from (read, decode and augment run as tasks):
+    passes `first_pass` ... `first_pass + passes - 1` over the shards, each drawing its own views."""
     import ray
 
     files = shard_files(shards)
     check_prior(files, cfg.prior)
-    # Repeats are whole passes over the files, so an image comes back at least a shard file later: a
+    # Passes are whole passes over the files, so an image comes back at least a shard file later: a
     # batch never holds an image twice, and a prototype queue or memory bank of recent batches holds
     # no second view of the image being contrasted. Shards keep mining order (often grouped by class
     # or sequence), so each pass reads the files in a new (seeded) random order and the loop mixes rows
     # in a shuffle buffer. One read stage over the list of (pass, file) items, one task per file, rather
     # than a union of `read_parquet` passes: each pass's file listing holds a whole CPU, and on a small
     # cluster ten of them starved the reads for minutes.
-    rng = np.random.default_rng(seed)
-    order = [(p, files[i]) for p in range(repeats) for i in rng.permutation(len(files))]
     columns = ["image_id", "height", "width", "image", cfg.prior]
-    items = [{"path": f, "pass": p} for p, f in order]
-    ds = ray.data.from_items(items, override_num_blocks=len(order))
+    items = [{"path": f, "pass": p} for p, f in pass_order(files, seed, first_pass, passes)]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         _read_files, fn_kwargs={"columns": columns}, batch_size=1, batch_format="pyarrow", num_cpus=cpus_per_task
     )

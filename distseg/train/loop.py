@@ -170,7 +170,9 @@ class LocalStep:
 
 def _batches(cfg: PretrainConfig, world: int, memory_batches: int = 0, seed: int = 0):
     """Endless (epoch, batch) from the worker's dataset shard; with `memory_batches`, the first N
-    batches are cached and cycled (the in-memory baseline of jobs/benchmark_training.py)."""
+    batches are cached and cycled (the in-memory baseline of jobs/benchmark_training.py). The dataset
+    covers the rest of the run (ingest.passes_needed, one pass to spare); should a worker's shard run dry
+    before the last step, it is read again (`epoch` counts those readings)."""
     import ray.train
 
     shard = ray.train.get_dataset_shard("train")
@@ -243,6 +245,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     batches = _batches(pcfg, session.world, memory, seed=cfg.seed * 1000 + session.rank)
     while step < pcfg.steps:
         epoch, batch = next(batches)
+        if "pass" in batch and len(batch["pass"]):  # passes over the shards: the dataset covers the whole run
+            epoch = int(batch["pass"].min())
         views = to_views(batch, device, session.on_gpu)
         lr = float(lr_at(step, pcfg))  # a plain float: optimizer state loads with weights_only
         for group in optimizer.param_groups:

@@ -26,7 +26,15 @@ from distseg.config import Config
 from distseg.storage import absolute
 from distseg.train.engine import TrainerSpec, cluster_cpus, worker_config
 from distseg.train.engine import build_trainer as engine_trainer
-from distseg.train.ingest import IngestError, build_dataset, count_rows, repeats_per_epoch, shard_files
+from distseg.train.ingest import (
+    IngestError,
+    build_dataset,
+    check_prior,
+    check_regions,
+    count_rows,
+    passes_needed,
+    shard_files,
+)  # fmt: skip
 from distseg.train.loop import train_loop_per_worker
 from distseg.train.probe import PRIOR_AGREEMENT, check_probe, held_out_files
 
@@ -95,14 +103,17 @@ def prepare(cfg: Config, extra_cpus: int = 0, need_shards: bool = True) -> Confi
     from distseg.cluster import fit_training, init_ray, training_resources
 
     cfg = check_config(cfg)
-    if cfg.pretrain.shards is not None:
-        shard_files(cfg.pretrain.shards)  # a folder without shards fails here, before Ray starts
+    if cfg.pretrain.shards is not None:  # a folder without shards, or with the wrong prior, fails before Ray starts
+        files = shard_files(cfg.pretrain.shards)
+        check_prior(files, cfg.pretrain.prior)
+        check_regions(files, cfg.pretrain)
     ray_cfg = cfg.ray.model_copy()
     cluster_cpus(ray_cfg, int(training_resources(cfg.pretrain)["CPU"]) + extra_cpus)
     init_ray(ray_cfg)
     cfg = fit_training(cfg)
     if cfg.pretrain.shards is None and need_shards:
         cfg.pretrain.shards = absolute(synthetic_shards(cfg))
+        check_regions(shard_files(cfg.pretrain.shards), cfg.pretrain)
     if cfg.pretrain.probe_every and cfg.pretrain.probe_protocol == PRIOR_AGREEMENT:
         held_out_files(cfg)  # too few held-out images fails here, not in the workers
     return cfg
@@ -129,10 +140,16 @@ def build_trainer(
     # blocks reach the trainer in the order of the (seeded) file list, not in the order their tasks end:
     # with the seeded views (ingest.MakePairs) and shuffle buffer, a 1-worker run is reproducible
     context.execution_options.preserve_order = True
-    dataset = build_dataset(pcfg.shards, pcfg, repeats_per_epoch(rows, pcfg, pcfg.num_workers), seed=cfg.seed)
+    storage = str(storage) if storage else run_storage(cfg)
+    # the dataset covers the rest of the run, from the pass a resumed run had reached: each pass draws new
+    # views, and a resume reads new passes rather than the first ones again
+    done = resumed_step(store.join(storage, name or cfg.name))
+    first_pass = done * pcfg.batch_size * pcfg.num_workers // max(rows, 1)
+    passes = passes_needed(rows, pcfg, pcfg.num_workers, done)
+    dataset = build_dataset(pcfg.shards, pcfg, passes, first_pass, seed=cfg.seed)
     spec = TrainerSpec(
         name=name or cfg.name,
-        storage=str(storage) if storage else run_storage(cfg),
+        storage=storage,
         num_workers=pcfg.num_workers,
         cpus_per_worker=pcfg.cpus_per_worker,
         use_gpu=pcfg.use_gpu,
@@ -243,6 +260,16 @@ def resume_checkpoint(run_dir: str) -> str | None:
     except (ValueError, KeyError, TypeError):  # another Ray's snapshot: leave the check to the workers
         return None
     return store.join(run_dir, name) if name else None
+
+
+def resumed_step(run_dir: str) -> int:
+    """The step a run resumes at: that of `resume_checkpoint`'s meta.json, 0 for a fresh run."""
+    location = resume_checkpoint(run_dir)
+    meta = store.read_text(store.join(location, "meta.json")) if location else None
+    try:
+        return int(json.loads(meta).get("step") or 0) if meta else 0
+    except (ValueError, TypeError, AttributeError):
+        return 0
 
 
 def refuse_unfit_resume(cfg: Config, run_dir: str) -> None:

@@ -78,10 +78,10 @@ def check_probe(cfg: Config) -> Config:
             f"(known: {', '.join(PROTOCOLS.list())}, or {PRIOR_AGREEMENT} without labels)"
         )
     info = protocol_info(resolve_protocol_name(pcfg.probe_protocol))
-    if info.needs_video or info.needs_concepts:
+    if info.needs_video or info.needs_concepts or info.needs_saliency:
         raise ProbeError(
-            f"pretrain.probe_protocol={pcfg.probe_protocol!r} needs video or a concept dictionary; "
-            "the probe runs image protocols only (dataset_kmeans, linear, knn, ...)"
+            f"pretrain.probe_protocol={pcfg.probe_protocol!r} needs video, a concept dictionary or a saliency "
+            "head; the probe runs image protocols on the embedding only (dataset_kmeans, linear, knn, ...)"
         )
     if cfg.evaluate.dataset.split(":")[0] in ("bsds", "folder"):
         raise ProbeError(
