@@ -381,6 +381,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from distseg.config import load_config
+from distseg.methods import Views
 from distseg.train.loop import SameStart, build_step
 
 
@@ -395,7 +396,23 @@ def run(rank, world, port, out, wrapped):
         wrap = SameStart(DistributedDataParallel, world) if wrapped else None
         m, net, loss_fn, _ = build_step(cfg, torch.device("cpu"), wrap)
         assert wrap.model.module is net if wrapped else True
-        found[method] = {"net": net.state_dict(), "loss": loss_fn.state_dict(), **m.extra_state()}
+        states = {"net": net.state_dict(), "loss": loss_fn.state_dict(), **m.extra_state()}
+        found[method] = {part: {k: v.clone() for k, v in state.items()} for part, state in states.items()}
+        if wrapped:  # two steps on each rank's own images: the queue / bank gets every rank's entries
+            seg = torch.zeros(2, 64, 64, dtype=torch.long)
+            seg[:, :, 32:] = 1
+            if method == "concepts":
+                seg[:, 32:] += 2
+            empty = -1 if method == "concepts" else 0  # no segment (concepts) / no foreground (maskcontrast)
+            if rank == 1:  # rank 1: its second image empty at step 0, its whole batch at step 1
+                seg[1] = empty
+            for step in range(2):
+                if rank == 1 and step == 1:
+                    seg[:] = empty
+                views = Views(images=torch.randn(4, 3, 64, 64), seg1=seg, seg2=seg, dist=torch.ones(2, 4, 4),
+                              image_ids=torch.tensor([100 * rank + 10 * step, 100 * rank + 10 * step + 1]))
+                m.forward(wrap.model, views)
+            found[method]["after"] = {k: v.clone() for k, v in loss_fn.state_dict().items()}
     torch.save(found, f"{out}/rank{rank}_{int(wrapped)}.pt")
     dist.destroy_process_group()
 
@@ -434,7 +451,16 @@ def test_every_rank_starts_from_rank_zeros_network_and_loss_state(tmp_path):
         for part, state in same[0][method].items():
             for key, value in state.items():
                 assert torch.equal(value, same[1][method][part][key]), (method, part, key)
-    assert set(same[0]["maskcontrast"]) == {"net", "loss", "key_encoder"}
+    assert set(same[0]["maskcontrast"]) == {"net", "loss", "key_encoder", "after"}
+    # after two steps on different images, each rank's queue / bank holds both ranks' entries, in rank
+    # order (gather_rows): rank 0's two images and rank 1's non-empty ones (none at step 1: that rank
+    # takes the early way out of the loss and still joins the gather)
+    queue = same[0]["maskcontrast"]["after"]
+    assert int(queue["queue_ptr"]) == 5 and queue["queue_known"].sum() == 5
+    assert queue["queue_ids"][:5].tolist() == [0, 1, 100, 10, 11]
+    bank = same[0]["concepts"]["after"]
+    assert sorted(bank["bank_ids"][0, : int(bank["bank_count"][0])].unique().tolist()) == [0, 1, 100]
+    assert sorted(bank["bank_ids"][1, : int(bank["bank_count"][1])].unique().tolist()) == [10, 11]
     apart = [torch.load(tmp_path / f"rank{r}_0.pt", weights_only=True) for r in (0, 1)]
     assert not torch.equal(apart[0]["concepts"]["loss"]["dictionary"], apart[1]["concepts"]["loss"]["dictionary"])
     conv1 = "backbone.body.conv1.weight"

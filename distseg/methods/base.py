@@ -68,6 +68,38 @@ class Views:
     coord2: torch.Tensor | None = None
 
 
+def world_size() -> int:
+    """Ranks of the running torch.distributed group (1 without one)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@torch.no_grad()
+def gather_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every rank's rows of `tensors` (each (N_rank, ...), the same N_rank on one rank), concatenated in
+    rank order on every rank: what a queue or memory bank enqueues under several workers, so each rank
+    holds the same entries (MoCo's `concat_all_gather`, with rows that may differ in number per rank).
+    Without a process group, or with one rank, the tensors come back as they are. Every rank must call
+    it, with or without rows."""
+    world = world_size()
+    if world == 1:
+        return tensors
+    dist = torch.distributed
+    n = torch.tensor([len(tensors[0])], device=tensors[0].device)
+    counts = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(counts, n)
+    counts = [int(c) for c in counts]
+    most = max(counts)
+    out = []
+    for t in tensors:
+        padded = t.new_zeros((most, *t.shape[1:]))
+        padded[: len(t)] = t
+        parts = [torch.zeros_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded.contiguous())
+        out.append(torch.cat([part[:c] for part, c in zip(parts, counts)]))
+    return tuple(out)
+
+
 def resize_segments(seg: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Segment ids at the embedding resolution: each embedding cell takes the id at its centre (torch's
     `nearest-exact`, as the evaluation's `resize_nearest`). Plain `nearest` took each 4 x 4 cell's

@@ -22,7 +22,8 @@ averaged over pixels.
 
 Total = lambda_s L_s + lambda_v L_v + lambda_c L_c with the paper's settings (Sec. 4.1): kappa 10, D 32,
 K 512, beta 0.5, lambdas 1 / 2 / 1, a memory bank of the previous 2 batches' segment embeddings (no
-gradient). The shipped concepts.yaml has the paper's optimisation: 5k iterations, batch 8, lr 0.001
+gradient). Under several workers the bank holds the global batches: each step's segments of every rank
+are gathered (`base.gather_rows`) and each rank's bank is the same. The shipped concepts.yaml has the paper's optimisation: 5k iterations, batch 8, lr 0.001
 with poly decay.
 
 Same image, never a negative: `image_ids` (B,) says which image each row is. A row with the id of the
@@ -69,7 +70,7 @@ from torch import nn
 
 from distseg.core.section import Section
 from distseg.losses import info_nce, random_subset, zero_loss
-from distseg.methods.base import Method, register_method
+from distseg.methods.base import Method, gather_rows, register_method, world_size
 
 
 def segment_embeddings(
@@ -165,11 +166,19 @@ class ConceptsLoss(nn.Module):
 
     @torch.no_grad()
     def _push(self, segments: torch.Tensor, ids: torch.Tensor) -> None:
+        """Store this step's segments, every rank's (gather_rows), as the newest bank slot: under several
+        workers each rank's bank holds the same entries, those of the global batch. More than the slot's
+        capacity are subsampled, with rank 0's draw on every rank."""
         if not self.training or self.bank_batches == 0:
+            return
+        segments, ids = gather_rows(segments.detach().to(self.bank.dtype), ids)
+        if len(segments) == 0:
             return
         capacity = self.bank.shape[1]
         if len(segments) > capacity:
             keep = torch.randperm(len(segments), device=segments.device)[:capacity]
+            if world_size() > 1:
+                torch.distributed.broadcast(keep, src=0)
             segments, ids = segments[keep], ids[keep]
         j = int(self.bank_ptr)
         self.bank[j].zero_()
@@ -220,6 +229,7 @@ class ConceptsLoss(nn.Module):
         bank = bank.to(emb.dtype)
         concepts = self.concepts
         if len(seg_emb) == 0:
+            self._push(seg_emb, ids.new_zeros(0))  # the other ranks' segments still reach this rank's bank
             zero = zero_loss(emb1, emb2, self.dictionary)
             terms = ("loss_s", "loss_v", "loss_c", "concepts_used", "concept_perplexity")
             return {"loss": zero, **{t: zero.detach() for t in terms}}

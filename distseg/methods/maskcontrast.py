@@ -30,7 +30,8 @@ view-1 pixels are contrasted, only view-2 (key) prototypes are candidates and en
 saliency BCE is on the query view only. The method therefore runs the network on view 1 and the key
 encoder on view 2 (half the forward passes of a symmetric loss). Defaults as the authors' configs:
 tau 0.5, queue 128 (their supervised-saliency config; 256 with unsupervised saliency), momentum 0.999,
-SGD lr 0.004 with poly decay (maskcontrast.yaml).
+SGD lr 0.004 with poly decay (maskcontrast.yaml). Under several workers every rank's key prototypes are
+enqueued on every rank (`base.gather_rows`, as the authors' `concat_all_gather`): the queues stay equal.
 
 Same image, never a negative: `image_ids` (B,) says which image each row is. For a query pixel, the
 key prototype of another row with its image id (the ingest drew the image twice) and queue entries
@@ -76,7 +77,7 @@ from torch import nn
 
 from distseg.core.section import Section
 from distseg.losses import zero_loss
-from distseg.methods.base import Method, Views, register_method, resize_segments
+from distseg.methods.base import Method, Views, gather_rows, register_method, resize_segments
 
 
 def mask_prototypes(keys: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,14 +173,21 @@ class MaskContrastLoss(nn.Module):
 
     @torch.no_grad()
     def _enqueue(self, protos: torch.Tensor, ids: torch.Tensor | None) -> None:
+        """Enqueue this step's key prototypes, every rank's (gather_rows, as the authors' MoCo-style
+        concat_all_gather), so under several workers each rank's queue holds the same entries."""
         size = len(self.queue)
-        if not self.training or len(protos) == 0:
+        if not self.training:
             return
-        protos = protos[-size:]
+        known = torch.full((len(protos),), ids is not None, dtype=torch.bool, device=protos.device)
+        ids = ids if ids is not None else torch.zeros(len(protos), dtype=torch.long, device=protos.device)
+        protos, ids, known = gather_rows(protos.to(self.queue.dtype), ids, known)
+        if len(protos) == 0:
+            return
+        protos, ids, known = protos[-size:], ids[-size:], known[-size:]
         slots = (int(self.queue_ptr) + torch.arange(len(protos), device=protos.device)) % size
-        self.queue[slots] = protos.to(self.queue.dtype)
-        self.queue_ids[slots] = ids[-size:] if ids is not None else 0
-        self.queue_known[slots] = ids is not None
+        self.queue[slots] = protos
+        self.queue_ids[slots] = ids
+        self.queue_known[slots] = known
         self.queue_ptr.fill_((int(self.queue_ptr) + len(protos)) % size)
 
     def _exclusions(self, ids: torch.Tensor | None, has: torch.Tensor) -> torch.Tensor | None:
