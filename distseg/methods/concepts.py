@@ -23,8 +23,8 @@ averaged over pixels.
 Total = lambda_s L_s + lambda_v L_v + lambda_c L_c with the paper's settings (Sec. 4.1): kappa 10, D 32,
 K 512, beta 0.5, lambdas 1 / 2 / 1, a memory bank of the previous 2 batches' segment embeddings (no
 gradient). Under several workers the bank holds the global batches: each step's segments of every rank
-are gathered (`base.gather_rows`) and each rank's bank is the same. The shipped concepts.yaml has the paper's optimisation: 5k iterations, batch 8, lr 0.001
-with poly decay.
+are gathered (`base.gather_rows`) and each rank's bank is the same. The shipped concepts.yaml has the
+paper's optimisation: 5k iterations, batch 8, lr 0.001 with poly decay.
 
 Same image, never a negative: `image_ids` (B,) says which image each row is. A row with the id of the
 pixel's row (the ingest drew the image twice) is another pair of augmented views of the same image:
