@@ -103,8 +103,9 @@ def check_regions(files: list[str], cfg: PretrainConfig, sample: int = 64) -> No
     superpixel prior's hundred segments under hiergroup, which looks each region up in d_T) is refused
     before any worker starts, rather than in the middle of training. Later rows are checked as they are
     read (MakePairs)."""
-    table = next(_parquet(files[0]).iter_batches(batch_size=sample, columns=["image_id", "height", "width", cfg.prior]))
-    for row in table.to_pylist():
+    columns = ["image_id", "height", "width", cfg.prior]
+    table = next(_parquet(files[0]).iter_batches(batch_size=sample, columns=columns), None)  # None: an empty file
+    for row in table.to_pylist() if table is not None else []:
         found = segments_of(row.get(cfg.prior), int(row["height"]), int(row["width"]))
         if found is None:
             continue
