@@ -133,6 +133,8 @@ def build_trainer(
     goes into the workers' loop config (e.g. `placement_group_file`, see train/loop.py)."""
     import ray.data
 
+    from distseg.train.idle import quiet_when_idle
+
     pcfg = cfg.pretrain
     rows = count_rows(pcfg.shards)
     context = ray.data.DataContext.get_current()
@@ -140,6 +142,7 @@ def build_trainer(
     # blocks reach the trainer in the order of the (seeded) file list, not in the order their tasks end:
     # with the seeded views (ingest.MakePairs) and shuffle buffer, a 1-worker run is reproducible
     context.execution_options.preserve_order = True
+    quiet_when_idle(context)  # the executor otherwise spins while the trainer holds it back (train/idle.py)
     storage = str(storage) if storage else run_storage(cfg)
     # the dataset covers the rest of the run, from the pass a resumed run had reached: each pass draws new
     # views, and a resume reads new passes rather than the first ones again
