@@ -184,10 +184,17 @@ def start_run(
     tags: Mapping[str, Any] | None = None,
     log_config: bool = True,
     run_id: str | None = None,
+    id_file: str | None = None,
 ) -> Iterator[Tracker]:
     """Open an MLflow run for a stage; it ends FINISHED, or FAILED if the block raises.
 
-    With `run_id` of a run in this store, that run is reopened (a resumed job keeps one run)."""
+    With `run_id` of a run in this store, that run is reopened (a resumed job keeps one run). With
+    `id_file` (a path or URI beside the stage's checkpoints), the run it names is reopened and a new
+    run's id is written there first: rerunning a resumable stage after a crash continues its run."""
+    from distseg import storage
+
+    if id_file and not run_id:
+        run_id = (storage.read_text(id_file) or "").strip() or None
     uri = tracking_uri(cfg.workdir, cfg.tracking.uri)
     exp_id = get_or_create_experiment(uri, cfg.tracking.experiment, cfg.workdir)
     run_tags = {**provenance(cfg), **{k: str(v) for k, v in (tags or {}).items()}}
@@ -202,6 +209,8 @@ def start_run(
     else:
         run = client.create_run(exp_id, tags=run_tags, run_name=run_name or cfg.name)
         tracker = Tracker(run.info.run_id, uri)
+    if id_file:
+        storage.write_text(id_file, tracker.run_id)
     if log_config:
         tracker.log_config(cfg)
     try:

@@ -397,6 +397,7 @@ def test_maskrcnn_confident_segment_through_ray(tmp_path, ray_cluster):
     again = train_segmenter(cfg, str(tmp_path / "confident"))
     history = sorted(p.name for p in (tmp_path / "work" / "ray_results" / "t-segment").glob("checkpoint_2*"))
     assert json.loads((again.checkpoint / "meta.json").read_text())["step"] == 4 and len(history) == 4
+    assert again.run_id == seg.run_id  # the resumed training continues its MLflow run
     load_segmenter(again.checkpoint)
 
     # (6) evaluation: matched mIoU of the predictions, frozen features through the linear protocol

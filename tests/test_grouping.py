@@ -291,3 +291,29 @@ def test_edges_commands_name_a_bad_bsds_root_in_one_line_before_ray_starts(tmp_p
     (empty / "images" / "train").mkdir(parents=True)  # the layout is there, the images are not
     result = runner.invoke(app, ["edges", "train", "--root", str(empty), f"workdir={tmp_path / 'w'}"])
     assert result.exit_code == 1 and "no BSDS images for split 'train' under" in " ".join(result.output.split())
+
+
+@pytest.mark.slow  # two Ray Train runs of the edge network on BSDS500 val: ~2 min on the 2-core machine
+def test_edges_train_exports_the_weights_and_a_rerun_resumes_in_the_same_mlflow_run(tmp_path, bsds_root):
+    from mlflow.tracking import MlflowClient
+
+    from distseg.cluster import shutdown_ray
+    from distseg.config import load_config
+    from distseg.tracking import tracking_uri
+    from distseg.train.edges import train_edges
+
+    over = [f"workdir={tmp_path}", f"edge_train.root={bsds_root}", "edge_train.splits=[val]",
+            "edge_train.batch_size=2", "edge_train.crop=64", "edge_train.width=4", "edge_train.log_every=1",
+            "edge_train.checkpoint_every=2", "edge_train.cpus_per_worker=1", "ray.num_cpus=2"]  # fmt: skip
+    try:
+        first = train_edges(load_config("edges", [*over, "edge_train.steps=2"]))
+        again = train_edges(load_config("edges", [*over, "edge_train.steps=4"]))  # resumes from step 2
+    finally:
+        shutdown_ray()
+    assert first == again == tmp_path / "edgenet.pt" and again.stat().st_size > 0
+    assert len(list((tmp_path / "ray_results" / "edgenet").glob("checkpoint_2*"))) == 2  # steps 2 and 4
+    client = MlflowClient(tracking_uri(tmp_path))
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    [run] = [r for r in runs if r.data.tags.get("stage") == "edges.train"]  # one run across the rerun
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]

@@ -45,6 +45,29 @@ def test_failed_block_marks_run_failed(tmp_path, monkeypatch):
     assert MlflowClient(tracking_uri(tmp_path)).get_run(tracker.run_id).info.status == "FAILED"
 
 
+def test_a_rerun_after_a_crash_continues_the_run_its_id_file_names(tmp_path, monkeypatch):
+    """Resumable stages (pretrain, edges train, the distill trainers) keep one MLflow run across reruns."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config("demo", [f"workdir={tmp_path}"])
+    id_file = str(tmp_path / "ray_results" / "edges" / "mlflow_run_id")
+    client = MlflowClient(tracking_uri(tmp_path))
+    try:
+        with start_run(cfg, run_name="edges-train", id_file=id_file) as first:
+            first.log_metrics({"loss": 2.0}, step=1)
+            raise RuntimeError("killed")
+    except RuntimeError:
+        pass
+    assert client.get_run(first.run_id).info.status == "FAILED"
+    with start_run(cfg, run_name="edges-train", id_file=id_file) as again:
+        again.log_metrics({"loss": 1.0}, step=2)
+    assert again.run_id == first.run_id and (tmp_path / "ray_results/edges/mlflow_run_id").read_text() == first.run_id
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    assert [m.value for m in client.get_metric_history(first.run_id, "loss")] == [2.0, 1.0]
+    with start_run(cfg, run_name="other") as other:  # without the file, a new run
+        pass
+    assert other.run_id != first.run_id
+
+
 def test_env_uri_overrides(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/other.db")
     assert tracking_uri(tmp_path / "w") == f"sqlite:///{tmp_path}/other.db"

@@ -231,7 +231,8 @@ def fit(
     workdir = Path(cfg.workdir).resolve()
     name = f"{cfg.name}-{stage}"
     run_tags = {"stage": f"distill.{stage}", "shards": data_uri, "classes": num_classes, **(tags or {})}
-    with start_run(cfg, run_name=name, tags=run_tags) as tracker:
+    id_file = str(workdir / "ray_results" / name / "mlflow_run_id")  # a rerun resumes: the same MLflow run
+    with start_run(cfg, run_name=name, tags=run_tags, id_file=id_file) as tracker:
         spec = TrainerSpec(
             name=name,
             storage=workdir / "ray_results",

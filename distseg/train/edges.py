@@ -148,7 +148,9 @@ def train_edges(cfg: Config) -> Path:
     cfg.edge_train.root = absolute(root)
     tcfg = cfg.edge_train
     init_ray(cfg.ray)
-    with start_run(cfg, run_name=f"{cfg.name}-train", tags={"stage": "edges.train"}) as tracker:
+    # a rerun resumes the Ray Train run from its last checkpoint, and its MLflow run with it
+    id_file = str(workdir / "ray_results" / cfg.name / "mlflow_run_id")
+    with start_run(cfg, run_name=f"{cfg.name}-train", tags={"stage": "edges.train"}, id_file=id_file) as tracker:
         spec = TrainerSpec(
             name=cfg.name,
             storage=workdir / "ray_results",

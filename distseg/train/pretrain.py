@@ -312,8 +312,7 @@ def pretrain(cfg: Config) -> PretrainResult:
     tags = {"stage": "pretrain", "method": cfg.pretrain.method, "shards": shards, "shard_rows": count_rows(shards)}
     context = ray.data.DataContext.get_current()
     progress = context.enable_progress_bars
-    with start_run(cfg, run_name=cfg.name, tags=tags, run_id=previous) as tracker:
-        store.write_text(id_file, tracker.run_id)
+    with start_run(cfg, run_name=cfg.name, tags=tags, run_id=previous, id_file=id_file) as tracker:
         try:
             trainer = build_trainer(cfg, tracker.run_id, tracker.uri)
             print(f"pretrain: {cfg.pretrain.method} for {cfg.pretrain.steps} steps, MLflow run {tracker.run_id}")
