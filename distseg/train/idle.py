@@ -6,14 +6,16 @@ finished tasks sit there with their outputs held back by backpressure, so every 
 at once and the training dataset's SplitCoordinator loops without pausing for the whole run: measured
 at 40-90 % of a core beside each 1-worker CPU training of `hiergroup_msrc` (py-spy: 84 % of its samples
 in `StreamingExecutor.run`, 36 % in `ResourceManager.update_usages`, 4 % in `ray.wait`). On a 2-core
-machine that was a third or more of the CPU a training had. `IdleBackoff` sleeps `IDLE_S` after a step
+machine that is CPU taken from whatever runs beside the training (a second run, evaluation, tests, the
+ingest's own tasks). `IdleBackoff` sleeps `IDLE_S` after a step
 in which nothing moved (no input taken, task submitted, output made or handed on, no change in the
 output queue); a step that moves anything runs the next one at once, so the cost is at most `IDLE_S`
 of latency after the trainer takes a block, which the prefetched batches hide.
 
 Measured on the 2-core CPU machine (`distseg pretrain --config hiergroup_msrc`, 1 worker): the
-coordinator's CPU went from 40-90 % of a core to 12-14 % (`ps` over the first 10 minutes), and the
-training from about 2.3 to 4.6 images/s when it ran alone (docs/RESULTS.md, "Training throughput")."""
+coordinator's CPU went from 40-90 % of a core to 12-14 % (`ps` over the first 10 minutes; docs/RESULTS.md,
+"Training throughput"). A training alone on the machine had the other core to spin on: its own rate
+was 5.1-5.5 images/s with the spin at the end of a run, 4.2-4.6 without it early in one, not an A/B."""
 
 from __future__ import annotations
 
