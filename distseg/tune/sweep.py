@@ -126,13 +126,10 @@ def _trial(tune_config: dict, base: dict, sweep_info: dict) -> None:
             cfg.mine.priors = [*cfg.mine.priors, cfg.pretrain.prior]
         mine(cfg, sweep_info["images"], str(shards), progress=False)
         cfg.pretrain.shards = str(shards)
-    id_file = storage / cfg.name / "mlflow_run_id"
-    previous = id_file.read_text().strip() if id_file.is_file() else None
     tags = {"stage": "tune_trial", "trial_id": trial_id, "sweep": sweep_info["name"], "method": cfg.pretrain.method}
     tags.update({f"param.{k}": v for k, v in params.items()})
-    with start_run(cfg, run_name=trial_id, parent_run_id=sweep_info["parent_run_id"], tags=tags, run_id=previous) as t:
-        id_file.parent.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(t.run_id)
+    id_file = str(storage / cfg.name / "mlflow_run_id")  # a restored trial continues its run
+    with start_run(cfg, run_name=trial_id, parent_run_id=sweep_info["parent_run_id"], tags=tags, id_file=id_file) as t:
         trainer = build_trainer(
             cfg,
             t.run_id,
