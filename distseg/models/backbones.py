@@ -45,6 +45,8 @@ def create_backbone(name: str, weights: str | None = None) -> Backbone:
     """The backbone called `name` (a registry name, or `timm:<model>` for any timm model)."""
     if name.startswith("timm:"):
         return _timm_backbone(name[len("timm:") :], weights)
+    import distseg.models.vit  # noqa: F401  (registers the ViT backbones when this module was imported alone)
+
     return BACKBONES.build(name, weights=weights)  # unknown: KeyError listing the names (and timm:<model name>)
 
 

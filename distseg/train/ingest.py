@@ -8,6 +8,10 @@ Mask), then colour jitter (p 0.8) and RandomGrayscale (p 0.2), MoCo v2's photome
 Both views crop the same segment map, so segment id r means the same region of the same image in
 both views. Pixels a view does not cover do not exist
 (crops lie inside the image), so no ignore value is needed here; -1 is reserved for padding.
+
+torch and torchvision are imported where views are drawn, not at the top: Ray Data's coordinators (the
+DatasetManager, the SplitCoordinator) and Ray Train's controller unpickle this module's functions with the
+dataset, and would otherwise each load both (about 6 s of CPU and 300 MB per process, measured here).
 """
 
 from __future__ import annotations
@@ -20,9 +24,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 from distseg import storage
 from distseg.config import PretrainConfig
@@ -154,6 +155,8 @@ class PairedViews:
         vertical_flip: bool = False,
         blur: float = 0.0,
     ):
+        from torchvision.transforms import v2
+
         geometric = [v2.RandomResizedCrop(crop, scale=tuple(crop_scale), antialias=True), v2.RandomHorizontalFlip()]
         if vertical_flip:  # only when asked: the default draws exactly the random numbers it always drew
             geometric.append(v2.RandomVerticalFlip())
@@ -170,6 +173,9 @@ class PairedViews:
         """(view1, seg1, coord1, view2, seg2, coord2): coord (2, S, S) int32 is each view pixel's (y, x) in
         `image`, transformed with the segments (nearest), so a loss can find a pixel's twin in the
         other view (Zhang & Maire's augmented reference sampling)."""
+        import torch
+        from torchvision import tv_tensors
+
         img = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))
         h, w = segments.shape
         ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
@@ -201,6 +207,8 @@ class MakePairs:
         self.views = PairedViews(c.crop, c.crop_scale, c.color_jitter, c.vertical_flip, c.blur)
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
+        import torch
+
         cfg = self.cfg
         rows = table.to_pylist()
         kept = []
