@@ -34,6 +34,7 @@ TINY = [
     "pretrain.log_every=1",
     "ray.num_cpus=3",
     "mine.priors=[ucm,saliency]",
+    "mine.num_actors=1",  # not the 3 logical CPUs' pool: each mining actor loads torch and the edge network
 ]
 
 

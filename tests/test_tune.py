@@ -103,6 +103,7 @@ SMALL = [
     "model.embed_dim=8",
     # 5 logical CPUs: two trials of 2.01 at once (their start-up and probe waits overlap on 2 cores)
     "ray.num_cpus=5",
+    "mine.num_actors=1",  # not a pool of 5 (one per logical CPU), each loading torch and the edge network
 ]
 
 
