@@ -66,9 +66,10 @@ def test_the_training_split_pauses_while_the_trainer_holds_it_back(tmp_path):
     during = [p for t, p in steps if pause[0] < t < pause[1]]
     still = sum(a == b for a, b in zip(during, during[1:]))
     assert still >= 3, f"{len(during)} steps while the consumer paused, {still} without a change"
-    # each step without a change sleeps IDLE_S: at most one step per IDLE_S while nothing moves (without the
-    # pause the coordinator ran about 250 steps a second here, writing each to the log)
-    assert len(during) <= (pause[1] - pause[0]) / IDLE_S + 5, len(during)
+    # each step without a change sleeps IDLE_S, so at most one of them per IDLE_S (without the backoff the
+    # coordinator ran about 250 steps a second here, nearly all without a change). Steps that moved something
+    # run at once and are not bounded: on a loaded machine (CI) the reads may still be finishing in the pause.
+    assert still <= (pause[1] - pause[0]) / IDLE_S + 2, f"{still} steps without a change in {pause[1] - pause[0]:.2f} s"
 
 
 def _steps(log: str) -> list[tuple[float, str]]:
@@ -78,6 +79,11 @@ def _steps(log: str) -> list[tuple[float, str]]:
     return [(float(t), p) for t, p in rows if p]
 
 
-def _settled(log: str) -> bool:
+def _settled(log: str, quiet_s: float = 0.5) -> bool:
+    """Whether the executor's progress has not changed for `quiet_s` (and at least three steps)."""
     steps = _steps(log)
-    return len(steps) > 3 and steps[-1][1] == steps[-2][1] == steps[-3][1]
+    if len(steps) < 3 or steps[-1][1] != steps[-2][1] or steps[-2][1] != steps[-3][1]:
+        return False
+    last = steps[-1][1]
+    changed = max((t for t, p in steps if p != last), default=steps[0][0])
+    return steps[-1][0] - changed >= quiet_s
