@@ -115,7 +115,11 @@ class MineConfig(Section):
     image_format: str = Field("jpeg", pattern="^(jpeg|png)$", description="how the image is stored in the shard")
     jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality of the stored image")
     batch_size: int = Field(8, ge=1, description="images per actor call")
-    num_actors: int | None = Field(None, ge=1, description="actor pool size (default: the cluster's CPUs)")
+    num_actors: int | None = Field(
+        None,
+        ge=1,
+        description="actor pool size (default: the cluster's available CPUs, at most one actor per 8 images)",
+    )
     rows_per_shard: int = Field(256, ge=1, description="images per Parquet shard (at least; the last may be smaller)")
     retry_errors: bool = Field(False, description="on a rerun, retry images in the errors table")
     max_restarts: int = Field(10, ge=0, description="restarts of a worker whose process dies (native crash); bounded")

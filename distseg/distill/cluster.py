@@ -155,7 +155,6 @@ def cluster_masks(
     priors.vit_masks; write the labelled version to output_uri (default: `<data_uri>_k<K>` for
     vit_masks, `<data_uri>_<prior>_k<K>` otherwise). With score, also row (a)'s mIoU (summary.scores).
     Returns the counts; logs an MLflow run (tags stage=distill.cluster, prior)."""
-    import ray
 
     from distseg.cluster import init_ray
 
@@ -179,9 +178,8 @@ def cluster_masks(
         raise ValueError(f"{data_uri}: the manifest lists no shards")
 
     init_ray(cfg.ray)
-    num_actors = cfg.mine.num_actors or max(1, int(ray.available_resources().get("CPU", 1)))  # as mining sizes it
     kwargs = {"cfg": cfg.model_dump(mode="json"), "prior": prior}
-    table = map_chunks(manifest, data_uri, MaskFeatures, kwargs, num_actors, params.num_gpus, FEATURE_SCHEMA)
+    table = map_chunks(manifest, data_uri, MaskFeatures, kwargs, cfg.mine.num_actors, params.num_gpus, FEATURE_SCHEMA)
     if table.num_rows == 0:
         raise ValueError(f"{data_uri}: no {prior} masks to cluster")
     features = np.stack([np.asarray(f, np.float32) for f in table.column("feature").to_pylist()])

@@ -96,8 +96,6 @@ def confident_stage(cfg: Config, checkpoint: str, data_uri: str, output_uri: str
     `output_uri` (default `<data_uri>_confident`). Logs an MLflow run (tag stage=distill.confident)."""
     from pathlib import Path
 
-    import ray
-
     from distseg.cluster import init_ray
     from distseg.distill.trainer import read_version
     from distseg.shards import decode_png
@@ -110,7 +108,6 @@ def confident_stage(cfg: Config, checkpoint: str, data_uri: str, output_uri: str
     output_uri = output_uri or f"{data_uri.rstrip('/')}_{COLUMN}"
     fresh_output(output_uri)
     init_ray(cfg.ray)
-    num_actors = ccfg.num_actors or max(1, int(ray.available_resources().get("CPU", 1)))
     kwargs = {
         "checkpoint": absolute_uri(checkpoint),
         "threshold": ccfg.threshold,
@@ -118,7 +115,7 @@ def confident_stage(cfg: Config, checkpoint: str, data_uri: str, output_uri: str
         "max_overlap": ccfg.max_overlap,
         "device": "auto" if ccfg.num_gpus > 0 else "cpu",
     }
-    results = map_chunks(manifest, data_uri, ConfidentPredictor, kwargs, num_actors, ccfg.num_gpus, RESULT_SCHEMA)
+    results = map_chunks(manifest, data_uri, ConfidentPredictor, kwargs, ccfg.num_actors, ccfg.num_gpus, RESULT_SCHEMA)
     num_classes = int(manifest.get("cluster", {}).get("clusters", 0)) + 1 or None
     cells, kept, predicted = {}, 0, 0
     counts = np.zeros(256, np.int64)

@@ -80,7 +80,11 @@ class ConfidentConfig(Section):
         description="a mask sharing more than this fraction of its pixels with a more confident kept one is dropped",
     )
     batch_size: int = Field(4, ge=1, description="images per actor call")
-    num_actors: int | None = Field(None, ge=1, description="actor pool size (default: the cluster's CPUs)")
+    num_actors: int | None = Field(
+        None,
+        ge=1,
+        description="actor pool size (default: the cluster's available CPUs, at most one actor per 8 images)",
+    )
     num_gpus: float = Field(0, ge=0, description="GPUs per actor (0: CPU actors)")
 
 

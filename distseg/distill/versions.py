@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from distseg.cluster import MIN_ITEMS_PER_ACTOR, pool_size
 from distseg.mining.listing import ERRORS, SHARDS, resolve_uri
 from distseg.mining.manifest import MANIFEST
 from distseg.storage import absolute, write_bytes, write_parquet
@@ -65,13 +66,15 @@ class ChunkReader:
 
 
 def map_chunks(
-    manifest: dict, data_uri: str, actor: type, kwargs: dict, num_actors: int, num_gpus: float, empty: pa.Schema
+    manifest: dict, data_uri: str, actor: type, kwargs: dict, num_actors: int | None, num_gpus: float, empty: pa.Schema
 ) -> pa.Table:
     """Every chunk of rows through a Ray Data pool of `num_actors` `actor(**kwargs)` (one CPU, `num_gpus`
-    GPUs each); the tables they return, concatenated (an empty table of `empty` when none has rows)."""
+    GPUs each; None: distseg.cluster.pool_size's default for the rows); the tables they return,
+    concatenated (an empty table of `empty` when none has rows)."""
     import ray
 
     chunks = row_chunks(manifest, data_uri)
+    num_actors = pool_size(num_actors, len(chunks), per_actor=max(1, MIN_ITEMS_PER_ACTOR // CHUNK))
     ds = ray.data.from_items(chunks, override_num_blocks=max(1, len(chunks)))
     refs = ds.map_batches(
         actor,

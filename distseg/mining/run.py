@@ -64,7 +64,7 @@ def mine(
     track: log an MLflow run (tag stage=mine) with the counts and the manifest, in cfg.workdir's store."""
     import ray
 
-    from distseg.cluster import init_ray
+    from distseg.cluster import init_ray, pool_size
     from distseg.data import is_source
     from distseg.grouping.priors import PRIORS
 
@@ -100,7 +100,7 @@ def mine(
         init_ray(cfg.ray)
         context = ray.data.DataContext.get_current()
         progress_bars, context.enable_progress_bars = context.enable_progress_bars, progress
-        num_actors = cfg.mine.num_actors or max(1, int(ray.available_resources().get("CPU", 1)))
+        num_actors = pool_size(cfg.mine.num_actors, len(todo))
         per_call, blocks = plan_batches(len(todo), num_actors, cfg.mine.batch_size)
         monitor = ray.remote(num_cpus=0, max_restarts=0)(MineMonitor).remote(len(todo))
         ds = ray.data.from_items(todo, override_num_blocks=blocks)
