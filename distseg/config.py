@@ -361,7 +361,7 @@ _REGISTRIES = {
     "methods": ("distseg.methods", "METHODS"),
     "priors": ("distseg.grouping.priors", "PRIORS"),
     "edges": ("distseg.grouping.edges", "EDGE_DETECTORS"),
-    "backbones": ("distseg.models.backbones", "BACKBONES"),
+    "backbones": ("distseg.models", "BACKBONES"),  # the package's name: every backbone registered, ViTs included
 }
 _MODELS: dict[tuple, type[Config]] = {}
 
