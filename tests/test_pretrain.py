@@ -8,6 +8,7 @@ import math
 import os
 import re
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -115,6 +116,28 @@ def test_mine_pretrain_two_workers_then_resume(tmp_path, capfd):
     for key in ("lr", "images_per_s"):
         assert len(mlflow_metrics(cfg, first.run_id, key)) == 6
 
+    # the same run once more: it is at its end, so the loop trains nothing and reports the last checkpoint's
+    # metrics once, to Ray Train only. A Tune trial restored after its training ended (its sweep killed
+    # just then) gives Tune that as its result; without it `tune --resume` failed ("Trial returned a result
+    # which did not include the specified metric(s) `probe_score`")
+    from ray import cloudpickle
+
+    from distseg.train.pretrain import build_trainer, prepare
+
+    reports = tmp_path / "reports.jsonl"
+    again = prepare(
+        tiny_config(tmp_path, "pretrain.steps=6", "pretrain.checkpoint_every=2", f"pretrain.shards={shards}")
+    )
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the Train controller runs RecordReports
+    try:
+        build_trainer(again, callbacks=[RecordReports(str(reports))]).fit()
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    rows = [json.loads(line) for line in reports.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [6], rows
+    assert rows[0]["loss"] == pytest.approx(mlflow_metrics(cfg, first.run_id, "loss")[-1][1], rel=1e-6)
+    assert len(mlflow_metrics(cfg, first.run_id, "loss")) == 6  # nothing logged twice
+
     # maskcontrast (key encoder, queue, saliency head all-reduced by hand) started from that checkpoint
     mc = pretrain(
         tiny_config(
@@ -163,13 +186,26 @@ def test_mine_pretrain_two_workers_then_resume(tmp_path, capfd):
         agreement = mlflow_metrics(cfg, toy.run_id, "toy_agreement")
         assert [s for s, _ in agreement] == [1, 2] and all(-1 <= v <= 1 for _, v in agreement)
     finally:
-        import sys
-
         from distseg.methods import METHODS
 
         METHODS.unregister("toy")
         for module in [m for m in sys.modules if m.startswith("distseg_plugin_toy_method")]:
             del sys.modules[module]
+
+
+class RecordReports:
+    """A Ray Train callback (made a `UserCallback` when first built) appending each report's rank-0 metrics to
+    a JSON-lines file."""
+
+    def __new__(cls, path: str):
+        import ray.train
+
+        class Recorder(ray.train.UserCallback):
+            def after_report(self, run_context, metrics, checkpoint):
+                with open(path, "a") as f:
+                    f.write(json.dumps(metrics[0]) + "\n")
+
+        return Recorder()
 
 
 def _train_worker_pids() -> list[int]:

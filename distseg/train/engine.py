@@ -173,15 +173,21 @@ class WorkerSession:
         return checkpoint or step % log_every == 0, checkpoint
 
     def report(
-        self, step: int, metrics: dict, states: Callable[[], dict] | None = None, epoch: int | None = None
+        self,
+        step: int,
+        metrics: dict,
+        states: Callable[[], dict] | None = None,
+        epoch: int | None = None,
+        log: bool = True,
     ) -> None:
-        """Log `metrics` to MLflow (rank 0) and Ray Train; with `states`, also save a checkpoint.
+        """Log `metrics` to MLflow (rank 0; not with log=False) and Ray Train; with `states`, also save a
+        checkpoint.
 
         `states()` is called on rank 0 only and returns name -> state_dict (model first)."""
         import ray.train
 
         metrics = {**metrics, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-        if self.tracker:
+        if self.tracker and log:
             self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
         metrics = {"step": step, **metrics}
         if states is None:

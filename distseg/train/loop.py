@@ -235,6 +235,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         refuse=lambda err: resume_refused(cfg.name, session.resumed_from, err),
     )  # fmt: skip
     step, epoch = meta.get("step", 0), meta.get("epoch") or 0
+    if step >= pcfg.steps and meta.get("metrics"):
+        # restored at its end (a Tune trial whose training ended just before its sweep was killed): the loop
+        # trains nothing, so report the last checkpoint's metrics once, to Ray Train only (MLflow has them);
+        # Tune needs a result with its metric from every trial it runs, or the resumed sweep fails
+        session.report(step, {k: v for k, v in meta["metrics"].items() if k != "step"}, epoch=epoch, log=False)
 
     probe = build_probe(cfg) if pcfg.probe_every and session.rank == 0 else None
     probed: dict[str, float] = {}  # the last probe's metrics, carried into every report (Tune needs them in each)
