@@ -25,7 +25,7 @@ class Counting(IdleBackoff):
 
 def test_the_training_split_pauses_while_the_trainer_holds_it_back(tmp_path):
     """As in training: a streaming_split whose SplitCoordinator runs the executor in its own process, and
-    a consumer that stops taking batches for a second."""
+    a consumer that stops taking batches for two seconds."""
     import ray
     import ray.data
     from ray import cloudpickle
@@ -48,12 +48,12 @@ def test_the_training_split_pauses_while_the_trainer_holds_it_back(tmp_path):
         ids, pause = [], (0.0, 0.0)
         for i, batch in enumerate(split.iter_batches(batch_size=4, prefetch_batches=1)):
             ids.extend(batch["id"].tolist())
-            if i == 0:  # hold the executor back until nothing moves any more, then one second more
+            if i == 0:  # hold the executor back until nothing moves any more, then two seconds more
                 deadline = time.monotonic() + 60
                 while time.monotonic() < deadline and not _settled(Counting.log):
                     time.sleep(0.2)
                 start = time.monotonic()
-                time.sleep(1.0)
+                time.sleep(2.0)
                 pause = (start, time.monotonic())
     finally:
         context.custom_execution_callback_classes[:] = saved
