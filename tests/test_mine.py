@@ -446,3 +446,17 @@ def test_mine_inputs_follow_data_root_split_and_limit(tmp_path, msrc_root):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / f"im{3 - i}.png")
     cfg.data.limit = 2
     assert list(mine_inputs(str(tmp_path), cfg)) == ["im0", "im1"]
+
+
+def test_the_progress_line_also_prints_the_last_count(local_ray, capfd):
+    """A run shorter than one interval (12 images on a fast machine) still shows its count once, at the end."""
+    from distseg.mining.monitor import MineMonitor
+    from distseg.mining.progress import ProgressLine
+
+    monitor = ray.remote(num_cpus=0)(MineMonitor).remote(3)
+    try:
+        with ProgressLine(monitor, interval=60):
+            pass
+    finally:
+        ray.kill(monitor)
+    assert capfd.readouterr().err.splitlines()[-1] == "mine: 0/3 images, 0 errors"

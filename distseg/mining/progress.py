@@ -10,7 +10,8 @@ PROGRESS_LOG_SECONDS = 10.0  # interval of the images/s progress line
 
 
 class ProgressLine:
-    """While mining, a line on stderr every `interval` seconds: images done, images/s, errors, ETA.
+    """While mining, a line on stderr every `interval` seconds and one at the end: images done, images/s,
+    errors, ETA.
 
     Ray Data's progress shows no rate in its non-terminal log (ray job logs, CI, a pipe), and on a
     terminal its operator bar's long description pushes the rows/s past the line's end, so this line
@@ -30,16 +31,20 @@ class ProgressLine:
     def __exit__(self, *exc):
         self.stop.set()
         self.thread.join(timeout=5)
+        self._print(timeout=5)  # the last count, also for a run shorter than one interval
 
     def _run(self) -> None:
+        while not self.stop.wait(self.interval):
+            self._print(timeout=self.interval)
+
+    def _print(self, timeout: float) -> None:
         import ray
 
-        while not self.stop.wait(self.interval):
-            try:
-                p = ray.get(self.monitor.progress.remote(), timeout=self.interval)
-            except Exception:  # a slow or restarting cluster: skip this tick
-                continue
-            print(format_progress(p, time.time()), file=sys.stderr, flush=True)
+        try:
+            p = ray.get(self.monitor.progress.remote(), timeout=timeout)
+        except Exception:  # a slow, restarting or failed cluster: skip this line
+            return
+        print(format_progress(p, time.time()), file=sys.stderr, flush=True)
 
 
 def format_progress(p: dict, now: float) -> str:
