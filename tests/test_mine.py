@@ -172,7 +172,9 @@ def test_bad_inputs_are_processed_or_recorded(tmp_path, local_ray):
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.stage = 'mine'")
     assert sorted(r.data.metrics["rows"] for r in runs) == [len(ok), len(ok)]  # one MLflow run per call
 
-    with pytest.raises(MiningError, match=r"corrupt\.png.*decode"):
+    # fail_fast stops at the first bad image a worker meets; which of the four that is depends on scheduling
+    # (CI met empty.png first once the pool shrank to one actor per 8 images)
+    with pytest.raises(MiningError, match=r"(corrupt\.png|truncated\.jpg|text\.jpg|empty\.png): decode failed"):
         mine(
             cfg.model_copy(update={"mine": cfg.mine.model_copy(update={"retry_errors": True})}),
             str(tmp_path / "in"),
