@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -128,8 +129,14 @@ def test_demo_sweep(tmp_path, _ray_down, capsys):
     assert len(re.findall(r"^\[tune\] trial \w+ (finished|stopped early) at step", out, re.M)) == 4, out
 
     # nothing of the trials is left on the cluster: no live actor but Ray's own, no placement group
-    alive = [a for a in ray._private.state.actors().values() if a["State"] == "ALIVE"]
-    assert not [a for a in alive if "Train" in a["ActorClassName"] or "Trainable" in a["ActorClassName"]], alive
+    # (a stopped trial's Train actors share its fate, and die a moment after fit() returns: up to 10 s)
+    for _ in range(100):
+        alive = [a for a in ray._private.state.actors().values() if a["State"] == "ALIVE"]
+        left = [a for a in alive if "Train" in a["ActorClassName"] or "Trainable" in a["ActorClassName"]]
+        if not left:
+            break
+        time.sleep(0.1)
+    assert not left, left
     pgs = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
     assert not pgs, pgs
 
@@ -159,6 +166,30 @@ def test_demo_sweep(tmp_path, _ray_down, capsys):
 
     with pytest.raises(SweepError, match="pass --resume"):
         sweep(space, overrides=[f"workdir={tmp_path}", *SMALL])
+
+
+def test_the_summary_waits_for_the_actors_the_trials_started(_ray_down):
+    """A trial's actors that outlive fit() are waited for (their last MLflow write would land after the
+    summary's): those started before the sweep are not."""
+    import threading
+
+    import ray
+
+    from distseg.tune.sweep import wait_for_trial_actors
+
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    actor = ray.remote(num_cpus=0)(type("Trial", (), {"ping": lambda self: 1}))
+    before = actor.remote()  # e.g. a monitor of the driver's own
+    ray.get(before.ping.remote())
+    time.sleep(1.5)
+    since = time.time()
+    trial = actor.remote()
+    ray.get(trial.ping.remote())
+    t0 = time.time()
+    assert wait_for_trial_actors(since, timeout=1.0) == 1 and time.time() - t0 >= 1.0
+    threading.Timer(1.0, ray.kill, [trial]).start()
+    assert wait_for_trial_actors(since, timeout=60) == 0  # the earlier actor, still alive, is not waited for
+    assert ray.get(before.ping.remote()) == 1
 
 
 def test_correlation_job_takes_the_last_checkpoint_among_rays_files(tmp_path):

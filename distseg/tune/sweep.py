@@ -350,9 +350,42 @@ def sweep(
             # Tune's new console output prints its configuration box and TensorBoard hint even at
             # verbose=0; the legacy reporter at verbose=0 prints nothing (the sweep has its own lines)
             os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        began = time.time()
         grid = tuner.fit()
+        wait_for_trial_actors(began)
         result = summarize(grid, space, cfg, sweep_name, parent, base)
     return result
+
+
+def wait_for_trial_actors(since: float, timeout: float = 30.0) -> int:
+    """Wait until the actors this job created since `since` (the trials, their Train controllers and workers)
+    have ended; returns how many were still alive at the timeout.
+
+    Tune ends a trial that ASHA stops, also at max_t on its last result, while its function may still be
+    inside `start_run`; its `except` then marks the trial's MLflow run FAILED a moment after fit() returned.
+    `summarize` sets each trial's final status, so it must come after that (test_demo_sweep met the race:
+    a finished trial's run FAILED). Reads Ray's actor table (a developer API); without it, no wait."""
+    import ray
+
+    try:
+        from ray._private.state import actors
+
+        job = ray.get_runtime_context().get_job_id()
+
+        def alive() -> int:
+            return sum(
+                a["State"] in ("ALIVE", "PENDING_CREATION", "RESTARTING")
+                and a["JobID"] == job
+                and a["StartTime"] >= since * 1000 - 1000
+                for a in actors().values()
+            )
+
+        deadline = time.time() + timeout
+        while (left := alive()) and time.time() < deadline:
+            time.sleep(0.2)
+        return left
+    except Exception:  # Ray's internals moved: summarize at once, as before
+        return 0
 
 
 def summarize(grid, space: SearchSpace, cfg: Config, sweep_name: str, parent, base: dict) -> SweepResult:
