@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from distseg.config import ConfigError, load_config, shipped_configs, to_yaml
 
@@ -20,7 +21,9 @@ app = typer.Typer(
 config_app = typer.Typer(help="Inspect the shipped configs and resolved settings.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
-err = Console(stderr=True)
+# messages are never folded at the console's width: a path or key in an error stays whole (to copy, to grep in a
+# job's log); a terminal wraps long lines itself. The exception's text is escaped: "[...]" in it is not markup.
+err = Console(stderr=True, soft_wrap=True)
 _python_showwarning = warnings.showwarning  # other libraries' warnings keep Python's form
 
 CONFIG_HELP = "a shipped config name (see `distseg config list`) or a YAML path"
@@ -39,7 +42,7 @@ def resolve(config: str, overrides: list[str] | None):
     try:
         return load_config(config, overrides or [])
     except ConfigError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -77,7 +80,7 @@ def demo(
     try:
         run_demo(cfg)
     except (ScenesMismatch, MiningError) as e:  # an outputs/demo/ from before the shared palette or the learned edges
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         err.print(f"the demo keeps everything under {cfg.workdir}: remove it to run the demo anew", highlight=False)
         raise typer.Exit(1) from None
 
@@ -112,7 +115,7 @@ def mine(
     try:
         summary = run_mine(cfg, input, output, fail_fast=fail_fast)
     except (MiningError, FileNotFoundError, ValueError) as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         raise typer.Exit(1) from None
     from distseg.cluster import shutdown_ray
 
@@ -165,7 +168,7 @@ def pretrain(
     except (
         IngestError, ResourceError, FileNotFoundError, ScenesMismatch, MiningError, CheckpointMismatch, ProbeError
     ) as e:  # fmt: skip
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         raise typer.Exit(1) from None
     losses = " ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if k.startswith("loss"))
     typer.echo(f"checkpoint: {result.checkpoint}  (MLflow run {result.run_id})")
@@ -201,7 +204,7 @@ def tune(
             images=images,
         )
     except (SpaceError, SweepError, ResourceError, ConfigError, IngestError, FileNotFoundError, ProbeError) as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         raise typer.Exit(2 if isinstance(e, SpaceError | ConfigError) else 1) from None
     from distseg.cluster import shutdown_ray
 
@@ -262,7 +265,7 @@ def evaluate(
     try:
         results = run_evaluate(cfg, checkpoint, out)
     except (EvaluationError, FileNotFoundError) as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         raise typer.Exit(1) from None
     from distseg.cluster import shutdown_ray
 
@@ -278,7 +281,7 @@ def stage_errors():
     try:
         yield
     except (FileNotFoundError, FileExistsError, ValueError) as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         raise typer.Exit(1) from None
 
 
@@ -616,7 +619,7 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
     ("warning: <message>"), every other library's in Python's usual form."""
     package = str(Path(__file__).resolve().parent)
     if str(Path(filename).resolve()).startswith(package) or category.__module__.startswith("distseg"):
-        err.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False)
     else:
         _python_showwarning(message, category, filename, lineno, file, line)
 

@@ -85,6 +85,21 @@ def test_a_shards_folder_without_shards_fails_before_ray_starts(tmp_path, verb, 
     assert not ray.is_initialized()
 
 
+def test_an_error_names_a_long_bracketed_path_whole_on_one_line(tmp_path):
+    """The CLI's errors are neither folded at the console's width (a path in a job's log stays whole, to copy
+    or grep) nor read as markup (rich took "[v2]" for a style tag and dropped it)."""
+    from typer.testing import CliRunner
+
+    from distseg.cli import app
+
+    empty = tmp_path / ("mined [v2] " + "x" * 120)
+    empty.mkdir()
+    result = CliRunner().invoke(app, ["pretrain", "--config", "demo", "--shards", str(empty), f"workdir={tmp_path}"])
+    assert result.exit_code == 1, result.output
+    line = f"error: no Parquet shards under {empty} (run `distseg mine` and pass its --output folder)"
+    assert line in result.output.splitlines(), result.output
+
+
 def test_mine_pretrain_two_workers_then_resume(tmp_path, capfd):
     from mlflow.tracking import MlflowClient
     from typer.testing import CliRunner
@@ -422,8 +437,8 @@ from distseg.methods import Views
 from distseg.train.loop import SameStart, build_step
 
 
-def run(rank, world, port, out, wrapped):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def run(rank, world, store, out, wrapped):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     torch.manual_seed(7 + rank)  # as WorkerSession seeds each rank: seed + rank
     found = {}
@@ -455,8 +470,8 @@ def run(rank, world, port, out, wrapped):
 
 
 if __name__ == "__main__":
-    out, port, wrapped = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
-    torch.multiprocessing.spawn(run, args=(2, port, out, wrapped), nprocs=2)
+    out, store, wrapped = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    torch.multiprocessing.spawn(run, args=(2, store, out, wrapped), nprocs=2)
 """
 
 
@@ -466,18 +481,16 @@ def test_every_rank_starts_from_rank_zeros_network_and_loss_state(tmp_path):
     prepare_model wraps on CPU: the network, the loss's state (concepts dictionary, MaskContrast's
     queue and saliency head) and the key encoder are rank 0's on both ranks. Without SameStart
     (the control) the dictionaries differ, so the comparison can fail."""
-    import socket
     import subprocess
     import sys
 
     script = tmp_path / "same_start.py"
     script.write_text(_SAME_START)
     for wrapped in ("1", "0"):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        # a file store: a free TCP port found here could be taken before gloo binds it (a shared CI machine)
+        store = tmp_path / f"store_{wrapped}"
         done = subprocess.run(
-            [sys.executable, str(script), str(tmp_path), str(port), wrapped],
+            [sys.executable, str(script), str(tmp_path), str(store), wrapped],
             capture_output=True,
             text=True,
             timeout=600,
