@@ -255,14 +255,22 @@ def test_checkpoint_source_reads_a_distseg_vit_checkpoint(tmp_path):
 # ---------------------------------------------------------------- the vit_masks prior on real images
 
 
-def test_vit_masks_prior_on_real_images(weights):
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for a timing, then the suite's count again (later tests would inherit it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_vit_masks_prior_on_real_images(weights, one_torch_thread):
     """Masks of the image's shape, >= 1 per image, RLE round trip exact, boxes inside the image."""
     import time
 
     from distseg.grouping.priors import create_prior
     from distseg.shards import decode_masks, encode_masks
 
-    torch.set_num_threads(1)
     prior = create_prior("vit_masks", config(weights, "priors.vit_masks.short_side=96"))
     counts, seconds = [], []
     for image in real_images(2):

@@ -18,6 +18,17 @@ from distseg.methods import create_loss
 from distseg.models import create_model
 from distseg.tracking import start_run, tracking_uri
 
+
+@pytest.fixture(autouse=True)
+def _ray_down():
+    """evaluate() as a library call leaves the Ray it started up (the CLI shuts it down): a later module
+    that starts its own (test_ingest's ray.init) failed with "called ray.init twice" when run after these."""
+    yield
+    from distseg.cluster import shutdown_ray
+
+    shutdown_ray()
+
+
 SMALL = [
     "data.num_images=4",
     "data.image_size=48",

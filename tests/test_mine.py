@@ -267,9 +267,12 @@ def test_sigkill_midway_then_resume_gives_exactly_one_row_per_image(tmp_path):
         time.sleep(0.1)
     first = len(read_rows(out))
     assert 0 < first < n, f"the kill should land midway, found {first} of {n} rows"
-    assert not list((out / "shards").glob("*.tmp"))  # temporary files are hidden, and never read
+    # a write killed before its rename leaves a hidden .<name>.tmp (pathlib's glob matches it): never read
+    assert not [p for p in (out / "shards").glob("*.tmp") if not p.name.startswith(".")]
 
     done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    if done.returncode and "timed out during startup" in done.stderr:  # Ray's 30-s node start, as above
+        done = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == f"mined {n} images, 0 errors"
     ids = [r["image_id"] for r in read_rows(out)]
@@ -457,8 +460,9 @@ def test_the_progress_line_also_prints_the_last_count(local_ray, capfd):
 
     monitor = ray.remote(num_cpus=0)(MineMonitor).remote(3)
     try:
+        ray.get(monitor.progress.remote())  # started: the line's own 5-s wait is for a live monitor, not a new one
         with ProgressLine(monitor, interval=60):
             pass
     finally:
         ray.kill(monitor)
-    assert capfd.readouterr().err.splitlines()[-1] == "mine: 0/3 images, 0 errors"
+    assert "mine: 0/3 images, 0 errors" in capfd.readouterr().err.splitlines()  # Ray's log lines may follow

@@ -144,6 +144,6 @@ class MineWorker:
         self.stats["busy_seconds"] += time.perf_counter() - t0
         self.stats["last_end"] = time.time()
         self.stats["peak_rss_bytes"] = peak_rss_bytes()
-        if self.monitor is not None:  # fire and forget: calls from one worker arrive in order
-            self.monitor.end.remote([r["image_id"] for r in rows], errors, crashed, dict(self.stats))
+        if self.monitor is not None:  # waited for (a round trip per batch): the run's summary reads it at the end
+            ray.get(self.monitor.end.remote([r["image_id"] for r in rows], errors, crashed, dict(self.stats)))
         return pa.Table.from_pylist(rows, schema=self.columns)
