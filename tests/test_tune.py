@@ -184,12 +184,14 @@ def test_the_summary_waits_for_the_actors_the_trials_started(_ray_down):
     time.sleep(1.5)
     since = time.time()
     trial = actor.remote()
-    ray.get(trial.ping.remote())
+    detached = actor.options(name="stats", lifetime="detached").remote()  # as Ray Data's stats actor
+    ray.get([trial.ping.remote(), detached.ping.remote()])
     t0 = time.time()
     assert wait_for_trial_actors(since, timeout=1.0) == 1 and time.time() - t0 >= 1.0
     threading.Timer(1.0, ray.kill, [trial]).start()
     assert wait_for_trial_actors(since, timeout=60) == 0  # the earlier actor, still alive, is not waited for
-    assert ray.get(before.ping.remote()) == 1
+    assert ray.get([before.ping.remote(), detached.ping.remote()]) == [1, 1]
+    ray.kill(detached)
 
 
 def test_correlation_job_takes_the_last_checkpoint_among_rays_files(tmp_path):

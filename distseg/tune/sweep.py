@@ -358,8 +358,8 @@ def sweep(
 
 
 def wait_for_trial_actors(since: float, timeout: float = 30.0) -> int:
-    """Wait until the actors this job created since `since` (the trials, their Train controllers and workers)
-    have ended; returns how many were still alive at the timeout.
+    """Wait until the (not detached) actors this job created since `since` (the trials, their Train
+    controllers and workers) have ended; returns how many were still alive at the timeout.
 
     Tune ends a trial that ASHA stops, also at max_t on its last result, while its function may still be
     inside `start_run`; its `except` then marks the trial's MLflow run FAILED a moment after fit() returned.
@@ -376,6 +376,7 @@ def wait_for_trial_actors(since: float, timeout: float = 30.0) -> int:
             return sum(
                 a["State"] in ("ALIVE", "PENDING_CREATION", "RESTARTING")
                 and a["JobID"] == job
+                and not a["IsDetached"]  # Ray Data's stats and autoscaling actors live on, detached
                 and a["StartTime"] >= since * 1000 - 1000
                 for a in actors().values()
             )
