@@ -619,7 +619,7 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
     ("warning: <message>"), every other library's in Python's usual form."""
     package = str(Path(__file__).resolve().parent)
     if str(Path(filename).resolve()).startswith(package) or category.__module__.startswith("distseg"):
-        err.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False)
+        err.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False)
     else:
         _python_showwarning(message, category, filename, lineno, file, line)
 
