@@ -24,6 +24,13 @@ app.add_typer(config_app, name="config")
 # messages are never folded at the console's width: a path or key in an error stays whole (to copy, to grep in a
 # job's log); a terminal wraps long lines itself. The exception's text is escaped: "[...]" in it is not markup.
 err = Console(stderr=True, soft_wrap=True)
+
+
+def print_error(e: BaseException) -> None:
+    """One red "error: <message>" line on stderr, the message as text (not markup), never folded."""
+    err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+
+
 _python_showwarning = warnings.showwarning  # other libraries' warnings keep Python's form
 
 CONFIG_HELP = "a shipped config name (see `distseg config list`) or a YAML path"
@@ -42,7 +49,7 @@ def resolve(config: str, overrides: list[str] | None):
     try:
         return load_config(config, overrides or [])
     except ConfigError as e:
-        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+        print_error(e)
         raise typer.Exit(2) from None
 
 
@@ -80,7 +87,7 @@ def demo(
     try:
         run_demo(cfg)
     except (ScenesMismatch, MiningError) as e:  # an outputs/demo/ from before the shared palette or the learned edges
-        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+        print_error(e)
         err.print(f"the demo keeps everything under {cfg.workdir}: remove it to run the demo anew", highlight=False)
         raise typer.Exit(1) from None
 
@@ -115,7 +122,7 @@ def mine(
     try:
         summary = run_mine(cfg, input, output, fail_fast=fail_fast)
     except (MiningError, FileNotFoundError, ValueError) as e:
-        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+        print_error(e)
         raise typer.Exit(1) from None
     from distseg.cluster import shutdown_ray
 
@@ -168,7 +175,7 @@ def pretrain(
     except (
         IngestError, ResourceError, FileNotFoundError, ScenesMismatch, MiningError, CheckpointMismatch, ProbeError
     ) as e:  # fmt: skip
-        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+        print_error(e)
         raise typer.Exit(1) from None
     losses = " ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if k.startswith("loss"))
     typer.echo(f"checkpoint: {result.checkpoint}  (MLflow run {result.run_id})")
@@ -204,7 +211,7 @@ def tune(
             images=images,
         )
     except (SpaceError, SweepError, ResourceError, ConfigError, IngestError, FileNotFoundError, ProbeError) as e:
-        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+        print_error(e)
         raise typer.Exit(2 if isinstance(e, SpaceError | ConfigError) else 1) from None
     from distseg.cluster import shutdown_ray
 
@@ -265,7 +272,7 @@ def evaluate(
     try:
         results = run_evaluate(cfg, checkpoint, out)
     except (EvaluationError, FileNotFoundError) as e:
-        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+        print_error(e)
         raise typer.Exit(1) from None
     from distseg.cluster import shutdown_ray
 
@@ -281,7 +288,7 @@ def stage_errors():
     try:
         yield
     except (FileNotFoundError, FileExistsError, ValueError) as e:
-        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+        print_error(e)
         raise typer.Exit(1) from None
 
 
